@@ -1,0 +1,4 @@
+"""`python -m etcdha` runs the CLI."""
+from etcdha.cli import main
+
+main()

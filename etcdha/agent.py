@@ -1,0 +1,305 @@
+"""The agent loop: wait -> snapshot -> plan -> execute -> publish.
+
+Woken by a watch event, a lease state change, a signal or a tick. Deciding is
+`decide.plan`; this module only gathers facts and carries out actions. The lease
+is renewed by its own thread and feeds the fence directly, so a slow action here
+never delays renewal, and a hung agent (all threads stopped) is fenced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+from etcdha import decide, model, vip
+from etcdha.config import Config, Service
+from etcdha.decide import Action, Kind
+from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
+from etcdha.fence import FenceClient
+from etcdha.lease import Lease, LeaseState
+from etcdha.store import Store
+from etcdha.supervisord import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.store = Store(config.etcd)
+        self.supervisor = Supervisor(config)
+        self.fence: Optional[FenceClient] = None
+        self.lease: Optional[Lease] = None
+        self.watcher = None
+        self.cooldown_until: dict[str, float] = {}
+        self.vacant_since: dict[str, float] = {}
+        self.published: Optional[dict[str, str]] = None
+        self.known_pids: dict[str, int] = {}
+        self.etcd_ok = True
+        self.started = time.time()
+        self._next_wait = 0.0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        c = self.config
+        log.info("agent %s starting: services %s, lease_ttl %ss, fence margin %ss, etcd %s%s",
+                 c.node, ", ".join(c.services) or "(none)", c.lease_ttl, c.fence_margin,
+                 ",".join(c.etcd.endpoints), c.etcd.prefix)
+        for removed in vip.remove_all(c.vips):
+            log.warning("removed leftover VIP %s (we own nothing yet)", removed)
+        self.start_runtime()
+        try:
+            if not self.join():
+                return 0
+            self.watcher = self.store.watcher(self.wake.set)
+            self.watcher.start()
+            while not self.stopping.is_set():
+                self.cycle()
+        finally:
+            self.shutdown()
+        return 0
+
+    def start_runtime(self) -> None:
+        """Fence first, supervisord under it: nothing can run here that the fence cannot kill."""
+        self.supervisor.prepare()
+        self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.supervisor.command())
+        pid = self.fence.start()
+        self.supervisor.wait_ready()
+        log.info("fence pid %d, supervisord pid %d", self.fence.proc.pid, pid)
+
+    def feed_fence(self, deadline: float) -> None:
+        if self.fence is not None:
+            self.fence.feed(deadline)
+
+    def join(self) -> bool:
+        """Grant our lease and register; retry until etcd answers. False if asked to stop meanwhile."""
+        backoff = 0.2
+        while not self.stopping.is_set():
+            try:
+                self.lease = Lease(self.store, self.config.lease_ttl, self.config.keepalive_interval,
+                                   on_renew=self.feed_fence, on_change=lambda _s: self.wake.set(),
+                                   clock=self.clock)
+                lease_id = self.lease.grant()
+                self.store.register(self.config.node, lease_id, self.node_value({}), {
+                    s.name: self.candidate_value(s) for s in self.config.services.values()
+                    if self.cooldown_until.get(s.name, 0) <= self.clock()}, {
+                    s.name: model.encode_service(str(s.vip) if s.vip else None)
+                    for s in self.config.services.values()})
+                self.published = {}
+                log.info("joined as %s with lease %x", self.config.node, lease_id)
+                return True
+            except StoreError as exc:
+                if self.lease is not None:
+                    self.lease.stop()
+                log.warning("cannot join yet: %s", exc)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        return False
+
+    def recover(self, why: str) -> None:
+        """LOST: make sure nothing runs here, then start again with a new lease."""
+        log.error("%s: stopping everything here and rejoining with a new lease", why)
+        self.lease.stop()
+        if self.fence.alive():
+            self.fence.fire()
+        else:
+            self.kill_known_programs()
+        for removed in vip.remove_all(self.config.vips):
+            log.warning("removed VIP %s", removed)
+        try:
+            self.store.revoke(self.lease.id)  # if etcd still has it, let others take over at once
+        except StoreError:
+            pass
+        self.start_runtime()
+        self.join()
+
+    def kill_known_programs(self) -> None:
+        """The fence is gone (killed?): kill the program groups we last saw ourselves."""
+        for name, pid in self.known_pids.items():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                log.warning("killed the process group of %s (pid %d)", name, pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def shutdown(self) -> None:
+        """Graceful: stop programs, drop VIPs, then revoke the lease so others take over at once."""
+        log.info("shutting down: stopping services and handing them over")
+        if self.watcher is not None:
+            self.watcher.stop()
+        try:
+            self.supervisor.stop_all()
+        except EtcdhaError as exc:
+            log.warning("stopping programs: %s", exc)
+        for removed in vip.remove_all(self.config.vips):
+            log.info("removed VIP %s", removed)
+        if self.lease is not None and self.lease.id:
+            try:
+                self.lease.revoke()
+                log.info("revoked lease %x", self.lease.id)
+            except StoreError as exc:
+                log.warning("could not revoke the lease (others take over after its TTL): %s", exc)
+        if self.fence is not None:
+            self.fence.quit()
+        self.store.close()
+
+    # ---- one cycle --------------------------------------------------------------------------------
+
+    def cycle(self) -> None:
+        self.wake.wait(self._next_wait)
+        self.wake.clear()
+        if self.stopping.is_set():
+            return
+        if not self.fence.alive():
+            return self.recover("the fence process exited (" + "; ".join(self.fence.messages[-1:]) + ")")
+        state = self.lease.poll()
+        if state is LeaseState.LOST:
+            return self.recover(f"lease {self.lease.id:x} lost")
+        view = self.read_view()
+        try:
+            programs = self.supervisor.states()
+            self.known_pids = self.supervisor.pids()
+        except ActuatorError as exc:
+            log.error("cannot read program states: %s", exc)
+            self._next_wait = decide.FAST_TICK
+            return
+        now = self.clock()
+        if view is not None:
+            self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
+        facts = decide.Facts(
+            me=self.config.node, lease=self.lease.id, lease_state=state, now=now,
+            priorities=self.priorities(), programs=programs, vips_up=self.vips_up(),
+            with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
+            cooldown_until=dict(self.cooldown_until), vacant_since=dict(self.vacant_since),
+            claim_delay=self.config.claim_delay)
+        plan = decide.plan(view, facts)
+        if plan.actions:
+            log.info("plan at revision %s: %s", view.revision if view else "?", plan)
+        for action in plan.actions:
+            self.execute(action)
+        if view is not None:
+            self.publish(view, programs)
+        wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
+                                                                               self.config.reconcile_interval)
+        self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
+
+    def read_view(self) -> Optional[model.ClusterView]:
+        try:
+            view = self.store.snapshot()
+        except StoreError as exc:
+            if self.etcd_ok:
+                log.warning("etcd unreachable, claiming nothing until it answers: %s", exc)
+            self.etcd_ok = False
+            return None
+        if not self.etcd_ok:
+            log.info("etcd reachable again at revision %d", view.revision)
+        self.etcd_ok = True
+        for problem in view.problems:
+            log.warning("bad key in etcd: %s", problem)
+        return view
+
+    def priorities(self) -> dict[str, int]:
+        return {name: s.priority for name, s in self.config.services.items()}
+
+    def vips_up(self) -> frozenset[str]:
+        up = set()
+        by_interface: dict[str, set[str]] = {}
+        for s in self.config.services.values():
+            if s.vip is None:
+                continue
+            if s.interface not in by_interface:
+                try:
+                    by_interface[s.interface] = {a.split("/")[0] for a in vip.addresses(s.interface)}
+                except ActuatorError:
+                    by_interface[s.interface] = set()
+            if str(s.vip.ip) in by_interface[s.interface]:
+                up.add(s.name)
+        return frozenset(up)
+
+    # ---- actions --------------------------------------------------------------------------------
+
+    def candidate_value(self, service: Service) -> bytes:
+        return model.encode_candidate(service.priority, str(service.vip) if service.vip else None)
+
+    def node_value(self, programs: dict[str, str]) -> bytes:
+        return model.encode_node(self.config.node, self.lease.id if self.lease else 0, os.getpid(),
+                                 self.started, programs)
+
+    def execute(self, action: Action) -> None:
+        service = self.config.services[action.service]
+        prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
+        try:
+            if action.kind is Kind.ENROLL:
+                self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
+            elif action.kind is Kind.WITHDRAW:
+                self.store.delete(model.candidate_key(prefix, service.name, me))
+            elif action.kind is Kind.CLAIM:
+                token = self.store.claim(service.name, me, lease, time.time())
+                log.info("%s %s", "claimed" if token else "lost the race for", service.name)
+            elif action.kind is Kind.START:
+                self.start(service, action.token)
+            elif action.kind is Kind.STOP:
+                self.stop(service)
+            elif action.kind is Kind.RELEASE:
+                self.release(service, "supervisord reports FATAL")
+        except (ConfigError, ActuatorError) as exc:
+            log.error("%s failed: %s", action, exc)
+            if action.kind is Kind.START:
+                self.release(service, str(exc))
+        except StoreError as exc:
+            log.error("%s failed: %s", action, exc)
+
+    def start(self, service: Service, token: int) -> None:
+        if service.vip:
+            if vip.add(service.interface, str(service.vip)):
+                log.info("added VIP %s on %s", service.vip, service.interface)
+            vip.announce(service.interface, str(service.vip))
+        self.supervisor.start(service, token)
+        log.info("started %s (fencing token %d)", service.name, token)
+
+    def stop(self, service: Service) -> None:
+        self.supervisor.stop(service)
+        if service.vip and vip.remove(service.interface, str(service.vip)):
+            log.info("removed VIP %s from %s", service.vip, service.interface)
+        log.info("stopped %s", service.name)
+
+    def release(self, service: Service, why: str) -> None:
+        """Give up a service that fails here: stop, drop VIP, step aside, delete the owner key."""
+        try:
+            self.stop(service)
+        except ActuatorError as exc:
+            log.error("stopping %s: %s", service.name, exc)
+            if service.vip:
+                vip.remove(service.interface, str(service.vip))
+        self.cooldown_until[service.name] = self.clock() + self.config.failure_cooldown
+        prefix = self.config.etcd.prefix
+        self.store.delete(model.candidate_key(prefix, service.name, self.config.node))
+        self.store.release(service.name, self.lease.id)
+        log.warning("released %s: %s; not taking it here again for %gs", service.name, why,
+                    self.config.failure_cooldown)
+
+    def publish(self, view: model.ClusterView, programs: dict[str, str]) -> None:
+        """Keep our node key current (program states), re-creating it if it vanished."""
+        states = {s: programs.get(s, "STOPPED") for s in self.config.services}
+        if states == self.published and self.config.node in view.nodes:
+            return
+        try:
+            self.store.put(model.node_key(self.config.etcd.prefix, self.config.node),
+                           self.node_value(states), self.lease.id)
+            self.published = states
+        except StoreError as exc:
+            log.debug("publishing status: %s", exc)

@@ -1,0 +1,144 @@
+"""Pure decisions: one cluster snapshot plus local facts in, a plan of actions out.
+
+Nothing here does I/O or reads a clock; tests build a view and assert the plan.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from etcdha.lease import LeaseState
+from etcdha.model import ClusterView, Owner
+
+# supervisord state names that mean "a copy may be running"
+ACTIVE = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
+# states where we should look again soon, because supervisord is about to decide
+TRANSITIONAL = frozenset({"STARTING", "BACKOFF", "STOPPING"})
+FAST_TICK = 0.2
+
+
+class Kind(enum.Enum):
+    ENROLL = "enroll"      # put our candidate key
+    WITHDRAW = "withdraw"  # delete our candidate key (cooldown after a failure)
+    CLAIM = "claim"        # create the owner key if absent
+    START = "start"        # VIP up + gratuitous ARP, then program start
+    STOP = "stop"          # program stop, then VIP down
+    RELEASE = "release"    # stop, VIP down, delete the owner key, cooldown
+
+
+class Reason(enum.Enum):
+    VACANT = "vacant"            # nobody owns it and we are next in line
+    OWNER = "owner"              # we own it; it should run here
+    NOT_OWNER = "not-owner"      # someone else (or nobody) owns it; it must not run here
+    FAILED = "failed"            # supervisord gave up on the program (FATAL)
+    COOLDOWN = "cooldown"        # failed here recently; let other nodes take it
+    CANDIDATE = "candidate"      # we can run it and are not yet registered
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    service: str
+    reason: Reason
+    token: int = 0  # fencing token for START
+
+    def __str__(self) -> str:
+        tok = f" token={self.token}" if self.token else ""
+        return f"{self.kind.value} {self.service} ({self.reason.value}{tok})"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the agent knows locally at the moment of deciding."""
+
+    me: str
+    lease: int
+    lease_state: LeaseState
+    now: float
+    priorities: Mapping[str, int]                     # services this node can run
+    programs: Mapping[str, str] = field(default_factory=dict)  # service -> supervisord state
+    vips_up: frozenset[str] = frozenset()             # services whose VIP is on our interface
+    with_vip: frozenset[str] = frozenset()            # services that have a VIP at all
+    cooldown_until: Mapping[str, float] = field(default_factory=dict)
+    vacant_since: Mapping[str, float] = field(default_factory=dict)
+    claim_delay: float = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = ()
+    wake_in: Optional[float] = None  # seconds until a decision may change without any event
+
+    def __str__(self) -> str:
+        return "; ".join(map(str, self.actions)) or "nothing to do"
+
+
+def is_mine(owner: Optional[Owner], f: Facts) -> bool:
+    """Ours only if it names us *and* hangs on our current lease (not a previous incarnation's)."""
+    return owner is not None and owner.node == f.me and owner.lease == f.lease
+
+
+def track_vacancy(previous: Mapping[str, float], view: ClusterView, services: Mapping[str, int],
+                  now: float) -> dict[str, float]:
+    """When each of our services was first seen without an owner (absent = owned)."""
+    return {s: previous.get(s, now) for s in services if s not in view.owners}
+
+
+def claim_rank(view: ClusterView, service: str, me: str) -> Optional[int]:
+    """Our position among live candidates (0 = preferred); None if we are not one."""
+    for i, cand in enumerate(view.live_candidates(service)):
+        if cand.node == me:
+            return i
+    return None
+
+
+def plan(view: Optional[ClusterView], f: Facts) -> Plan:
+    """Decide what this node should do now.
+
+    Without a view (etcd unreachable) we change nothing: running services stay until
+    the fence stops them at the lease deadline; nothing new is claimed or started.
+    """
+    if view is None:
+        return Plan(wake_in=FAST_TICK)
+    actions: list[Action] = []
+    wakes: list[float] = []
+    healthy = f.lease_state is LeaseState.OK
+    for svc in sorted(f.priorities):
+        owner = view.owners.get(svc)
+        program = f.programs.get(svc, "STOPPED")
+        running_here = program in ACTIVE or svc in f.vips_up
+        cooling = f.cooldown_until.get(svc, 0.0) > f.now
+        if program in TRANSITIONAL:
+            wakes.append(FAST_TICK)
+
+        enrolled = f.me in view.candidates.get(svc, {})
+        if healthy and cooling and enrolled:
+            actions.append(Action(Kind.WITHDRAW, svc, Reason.COOLDOWN))
+        elif healthy and not cooling and not enrolled:
+            actions.append(Action(Kind.ENROLL, svc, Reason.CANDIDATE))
+        if cooling:
+            wakes.append(f.cooldown_until[svc] - f.now)
+
+        if is_mine(owner, f):
+            assert owner is not None
+            if program == "FATAL":
+                actions.append(Action(Kind.RELEASE, svc, Reason.FAILED))
+            elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
+                                                          and program != "STOPPING")):
+                actions.append(Action(Kind.START, svc, Reason.OWNER, token=owner.token))
+                wakes.append(FAST_TICK)  # watch it through STARTING
+            continue
+        if running_here:
+            actions.append(Action(Kind.STOP, svc, Reason.NOT_OWNER))
+        if owner is not None or not healthy or cooling:
+            continue
+        rank = claim_rank(view, svc, f.me)
+        if rank is None:
+            continue  # our candidate key is not (yet) there; ENROLL above fixes that
+        due = f.vacant_since.get(svc, f.now) + rank * f.claim_delay
+        if f.now >= due:
+            actions.append(Action(Kind.CLAIM, svc, Reason.VACANT))
+        else:
+            wakes.append(due - f.now)
+    return Plan(tuple(actions), min(wakes) if wakes else None)

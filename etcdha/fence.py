@@ -1,0 +1,266 @@
+"""The fence: a separate small process that enforces the lease deadline even if the agent cannot.
+
+The agent starts it (`python -m etcdha.fence ...`) with a pipe; the fence starts
+supervisord as its child and becomes a child subreaper, so every program and any
+orphan below it stays its descendant. The agent feeds it `deadline T` lines
+(monotonic seconds, from the lease). The fence fires when
+
+- the deadline minus the margin passes (agent hung, SIGSTOPped, or etcd unreachable),
+- the pipe closes (the agent died), or supervisord exits, or the agent asks (`fire`).
+
+Firing freezes supervisord, SIGKILLs every descendant process group, removes every
+configured VIP, prints `fired REASON ...` and exits 3. Safety wins over grace: a
+program gets no SIGTERM from the fence. `quit` is the graceful path: supervisord
+is asked to stop, leftovers are killed, and the fence exits 0.
+
+This module runs in its own process: it imports no gRPC and starts no threads.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+FIRED_EXIT = 3
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl failed")
+
+
+def descendants(root: int) -> list[int]:
+    """PIDs below `root` in the process tree, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def say(message: str) -> None:
+    """Tell the agent (stdout) and the log (stderr); the agent may already be gone."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            print(message if stream is sys.stdout else f"etcdha-fence[{os.getpid()}]: {message}",
+                  file=stream, flush=True)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+
+class Fence:
+    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], command: Sequence[str]):
+        self.margin = margin
+        self.vips = list(vips)
+        self.command = list(command)
+        self.deadline: Optional[float] = None
+        self.child: Optional[subprocess.Popen] = None
+        self.child_exited = False
+
+    def start_child(self) -> None:
+        self.child = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True,
+            preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+
+    def reap(self) -> None:
+        """Collect exited children (we are a subreaper, orphans land here)."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.child is not None and pid == self.child.pid:
+                self.child_exited = True
+
+    def kill_everything(self) -> int:
+        """Freeze supervisord, then SIGKILL every descendant and its process group."""
+        if self.child is not None and not self.child_exited:
+            try:
+                os.kill(self.child.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        victims = descendants(os.getpid())
+        own_group = os.getpgid(0)
+        groups = set()
+        for pid in victims:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for group in groups - {own_group}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(victims)
+
+    def fire(self, reason: str) -> int:
+        from etcdha import vip  # pyroute2 is imported only when needed: keeps the fence start fast
+
+        started = time.monotonic()
+        late = "" if self.deadline is None else f", {self.deadline - started:.3f}s before the lease deadline"
+        killed = self.kill_everything()
+        removed = vip.remove_all(self.vips)
+        time.sleep(0.05)
+        self.reap()
+        took = (time.monotonic() - started) * 1000
+        say(f"fired {reason}: killed {killed} processes, removed {removed or 'no VIPs'} in {took:.0f}ms{late}")
+        return FIRED_EXIT
+
+    def quit(self) -> int:
+        """Graceful: ask supervisord to stop its programs, then make sure nothing is left."""
+        from etcdha import vip
+
+        if self.child is not None and not self.child_exited:
+            self.child.send_signal(signal.SIGTERM)
+            end = time.monotonic() + 30
+            while not self.child_exited and time.monotonic() < end:
+                self.reap()
+                time.sleep(0.05)
+        self.kill_everything()
+        vip.remove_all(self.vips)
+        self.reap()
+        say("quit")
+        return 0
+
+    def run(self) -> int:
+        stdin = sys.stdin.fileno()
+        buf = b""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent handles ^C and tells us to quit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(self.fire("fence got SIGTERM")))
+        self.start_child()
+        say(f"ready {self.child.pid}")
+        while True:
+            now = time.monotonic()
+            wait = 0.2 if self.deadline is None else min(0.2, max(0.0, self.deadline - self.margin - now))
+            readable, _, _ = select.select([stdin], [], [], wait)
+            if readable:
+                data = os.read(stdin, 4096)
+                if not data:
+                    return self.fire("agent gone (its pipe closed)")
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    words = line.decode(errors="replace").split()
+                    if words[:1] == ["deadline"] and len(words) == 2:
+                        self.deadline = float(words[1])
+                    elif words == ["fire"]:
+                        return self.fire("asked by the agent")
+                    elif words == ["quit"]:
+                        return self.quit()
+            self.reap()
+            if self.deadline is not None and time.monotonic() >= self.deadline - self.margin:
+                return self.fire("lease deadline reached without renewal")
+            if self.child_exited:
+                return self.fire("supervisord exited")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="etcdha-fence", description=__doc__.splitlines()[0])
+    parser.add_argument("--margin", type=float, required=True)
+    parser.add_argument("--vip", nargs=2, action="append", default=[], metavar=("INTERFACE", "CIDR"))
+    parser.add_argument("command", nargs="+")
+    args = parser.parse_args(argv)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    return Fence(args.margin, [tuple(v) for v in args.vip], args.command).run()
+
+
+class FenceClient:
+    """The agent's side: start the fence (and through it supervisord), feed it, stop it."""
+
+    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], supervisord_command: Sequence[str]):
+        argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin)]
+        for interface, cidr in vips:
+            argv += ["--vip", interface, cidr]
+        self.argv = argv + ["--", *supervisord_command]
+        self.proc: Optional[subprocess.Popen] = None
+        self.messages: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start the fence; returns supervisord's pid. No preexec_fn here: the agent has gRPC threads."""
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=True, close_fds=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode().split() if ready else []
+        if line[:1] != ["ready"]:
+            self.proc.kill()
+            raise RuntimeError(f"the fence did not start within {timeout:g}s (said {line!r})")
+        threading.Thread(target=self._read, name="etcdha-fence-out", daemon=True).start()
+        return int(line[1])
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            msg = raw.decode(errors="replace").strip()
+            self.messages.append(msg)
+            log.warning("fence: %s", msg) if msg.startswith("fired") else log.info("fence: %s", msg)
+
+    def _send(self, line: str) -> bool:
+        with self._lock:
+            try:
+                self.proc.stdin.write(line.encode() + b"\n")
+                self.proc.stdin.flush()
+                return True
+            except (BrokenPipeError, ValueError, OSError):
+                return False
+
+    def feed(self, deadline: float) -> None:
+        """Move the fence's deadline (monotonic seconds)."""
+        self._send(f"deadline {deadline:.6f}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _finish(self, command: str, timeout: float) -> Optional[int]:
+        if self.proc is None:
+            return None
+        self._send(command)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def fire(self, timeout: float = 5.0) -> Optional[int]:
+        """Make the fence kill everything now and wait for it."""
+        return self._finish("fire", timeout)
+
+    def quit(self, timeout: float = 40.0) -> Optional[int]:
+        """Graceful stop of supervisord and the fence."""
+        return self._finish("quit", timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

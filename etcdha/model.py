@@ -1,0 +1,189 @@
+"""Key schema, JSON codecs and the immutable cluster snapshot the agent decides on.
+
+Decoding never raises: a garbage value in etcd becomes a recorded problem and
+the key is treated as absent (or, for an owner key, as owned by an unknown
+node, so nobody starts a second copy on the strength of a corrupt key).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+UNKNOWN_OWNER = "?"  # node name used for an owner key whose value cannot be decoded
+
+
+@dataclass(frozen=True)
+class KV:
+    """One etcd key as read, independent of the client library."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+# ---- key schema: one function per key kind -------------------------------------------------
+
+def node_key(prefix: str, node: str) -> str:
+    """Liveness and status of one agent; attached to its lease."""
+    return f"{prefix}/nodes/{node}"
+
+
+def member_key(prefix: str, node: str) -> str:
+    """A node that has ever joined (no lease): lets status show dead nodes as not alive."""
+    return f"{prefix}/members/{node}"
+
+
+def service_key(prefix: str, service: str) -> str:
+    """A service some agent was configured with (no lease): status lists it even with no node alive."""
+    return f"{prefix}/services/{service}"
+
+
+def candidate_key(prefix: str, service: str, node: str) -> str:
+    """`node` can run `service`; attached to the node's lease."""
+    return f"{prefix}/candidates/{service}/{node}"
+
+
+def owner_key(prefix: str, service: str) -> str:
+    """Who runs `service`; created only if absent, attached to the owner's lease."""
+    return f"{prefix}/owners/{service}"
+
+
+# ---- value objects -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Owner:
+    """The owner key's content; `token` is its create_revision (the fencing token)."""
+
+    node: str
+    lease: int
+    token: int
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    node: str
+    priority: int
+    vip: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node: str
+    lease: int
+    pid: int = 0
+    started: float = 0.0
+    services: Mapping[str, str] = field(default_factory=dict)  # service -> local program state
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything under the prefix at one revision."""
+
+    revision: int
+    nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
+    candidates: Mapping[str, Mapping[str, Candidate]] = field(default_factory=dict)
+    owners: Mapping[str, Owner] = field(default_factory=dict)
+    members: frozenset[str] = frozenset()
+    services: Mapping[str, Optional[str]] = field(default_factory=dict)  # every known service -> VIP
+    problems: tuple[str, ...] = ()
+
+    def live_candidates(self, service: str) -> list[Candidate]:
+        """Candidates of `service` whose node is alive, best first (priority desc, then name)."""
+        found = [c for c in self.candidates.get(service, {}).values() if c.node in self.nodes]
+        return sorted(found, key=lambda c: (-c.priority, c.node))
+
+
+# ---- codecs -------------------------------------------------------------------------------
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode_owner(node: str, lease: int, since: float) -> bytes:
+    return encode({"node": node, "lease": f"{lease:x}", "since": round(since, 3)})
+
+
+def encode_candidate(priority: int, vip: Optional[str] = None) -> bytes:
+    return encode({"priority": priority, "vip": vip})
+
+
+def encode_service(vip: Optional[str]) -> bytes:
+    return encode({"vip": vip})
+
+
+def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str]) -> bytes:
+    return encode({"node": node, "lease": f"{lease:x}", "pid": pid, "started": round(started, 3),
+                   "services": dict(services)})
+
+
+def _json(kv: KV, problems: list[str]) -> Optional[dict]:
+    try:
+        value = json.loads(kv.value.decode())
+    except (UnicodeDecodeError, ValueError):
+        problems.append(f"{kv.key}: value is not JSON: {kv.value[:60]!r}")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{kv.key}: expected a JSON object, got {value!r:.60}")
+        return None
+    return value
+
+
+def _str(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value and "/" not in value else None
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
+    """Decode a prefix listing into a ClusterView, recording (not raising on) garbage."""
+    problems: list[str] = []
+    nodes: dict[str, NodeInfo] = {}
+    candidates: dict[str, dict[str, Candidate]] = {}
+    owners: dict[str, Owner] = {}
+    members: set[str] = set()
+    services: dict[str, Optional[str]] = {}
+    for kv in kvs:
+        if not kv.key.startswith(prefix + "/"):
+            continue
+        parts = kv.key[len(prefix) + 1:].split("/")
+        kind, rest = parts[0], parts[1:]
+        if kind == "nodes" and len(rest) == 1:
+            data = _json(kv, problems)
+            if data is None:
+                continue
+            services = data.get("services") if isinstance(data.get("services"), dict) else {}
+            nodes[rest[0]] = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
+                                      started=_num(data.get("started")),
+                                      services={str(k): str(v) for k, v in services.items()})
+        elif kind == "candidates" and len(rest) == 2:
+            data = _json(kv, problems)
+            prio = data.get("priority") if data else None
+            if not isinstance(prio, int) or isinstance(prio, bool):
+                if data is not None:
+                    problems.append(f"{kv.key}: expected an integer priority, got {prio!r}")
+                continue
+            vip = data.get("vip") if isinstance(data.get("vip"), str) else None
+            candidates.setdefault(rest[0], {})[rest[1]] = Candidate(node=rest[1], priority=prio, vip=vip)
+        elif kind == "members" and len(rest) == 1:
+            members.add(rest[0])
+        elif kind == "services" and len(rest) == 1:
+            data = _json(kv, problems)
+            services[rest[0]] = data.get("vip") if data and isinstance(data.get("vip"), str) else None
+        elif kind == "owners" and len(rest) == 1:
+            data = _json(kv, problems)
+            node = _str(data.get("node")) if data else None
+            if node is None:
+                if data is not None:
+                    problems.append(f"{kv.key}: expected a node name in 'node', got {data.get('node')!r}")
+                node = UNKNOWN_OWNER  # keep the service owned: a corrupt key must not cause a 2nd copy
+            owners[rest[0]] = Owner(node=node, lease=kv.lease, token=kv.create_revision,
+                                    since=_num(data.get("since")) if data else 0.0)
+    return ClusterView(revision=revision, nodes=nodes, candidates=candidates, owners=owners,
+                       members=frozenset(members | set(nodes)),
+                       services={**{s: None for s in candidates}, **services}, problems=tuple(problems))

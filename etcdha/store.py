@@ -1,0 +1,336 @@
+"""The only module that talks to etcd.
+
+It drives etcd's gRPC API through the stubs generated in the `etcd3` package
+(python3-etcd3) rather than its client class: we need per-call deadlines, quick
+reconnects after an etcd restart, endpoint rotation, and a watch whose
+lifecycle we own (the library's watcher dies silently on errors).
+
+Every call has a deadline (`timeout`) and raises `Unavailable` when etcd cannot
+answer in time, `StoreError` for anything else; nothing here blocks forever.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import grpc
+from etcd3 import etcdrpc
+
+from etcdha import model
+from etcdha.config import EtcdConfig, parse_endpoint
+from etcdha.errors import StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_CHANNEL_OPTIONS = [
+    # After an etcd restart reconnect within ~1 s instead of gRPC's default backoff of up to 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Notice a silently dead connection (etcd's default minimum ping interval is 5 s).
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 3000),
+]
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that selects every key starting with `prefix`."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end[: len(end)])
+        end.pop()
+    return b"\0"
+
+
+def _translate(func: Callable) -> Callable:
+    """Map gRPC errors to StoreError/Unavailable in one place, and rotate endpoints on failure."""
+
+    @functools.wraps(func)
+    def wrapper(self: "Store", *args, **kwargs):
+        try:
+            return func(self, *args, **kwargs)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            if code in _UNAVAILABLE:
+                self._rotate()
+                raise Unavailable(f"etcd at {self.endpoint} did not answer {func.__name__} "
+                                  f"within {self.timeout:g}s ({code.name if code else '?'}: {detail})") from None
+            raise StoreError(f"etcd at {self.endpoint} refused {func.__name__}: {detail}") from None
+
+    return wrapper
+
+
+class Store:
+    """A connection to etcd plus the key operations etcdha needs, all under one prefix."""
+
+    def __init__(self, etcd: EtcdConfig):
+        self.prefix = etcd.prefix
+        self.timeout = etcd.timeout
+        self._targets = [parse_endpoint(ep, "etcd endpoint") for ep in etcd.endpoints]
+        self._creds = self._credentials(etcd)
+        self._lock = threading.Lock()
+        self._index = 0
+        self._channel: Optional[grpc.Channel] = None
+        self._connect()
+
+    # ---- connection --------------------------------------------------------------------
+
+    @staticmethod
+    def _credentials(etcd: EtcdConfig) -> Optional[grpc.ChannelCredentials]:
+        if not (etcd.ca_cert or any(tls for _, _, tls in [parse_endpoint(e) for e in etcd.endpoints])):
+            return None
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        try:
+            return grpc.ssl_channel_credentials(read(etcd.ca_cert), read(etcd.key), read(etcd.cert))
+        except OSError as exc:
+            raise StoreError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+
+    @property
+    def endpoint(self) -> str:
+        host, port, tls = self._targets[self._index]
+        return f"{'https' if tls else 'http'}://{host}:{port}"
+
+    def _connect(self) -> None:
+        host, port, tls = self._targets[self._index]
+        target = f"{host}:{port}"
+        if tls and self._creds is not None:
+            channel = grpc.secure_channel(target, self._creds, options=_CHANNEL_OPTIONS)
+        else:
+            channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        old, self._channel = self._channel, channel
+        self.kv = etcdrpc.KVStub(channel)
+        self.leases = etcdrpc.LeaseStub(channel)
+        self.watch_stub = etcdrpc.WatchStub(channel)
+        if old is not None:
+            old.close()
+
+    def _rotate(self) -> None:
+        """Move to the next endpoint (if there is more than one) after a failed call."""
+        if len(self._targets) < 2:
+            return
+        with self._lock:
+            self._index = (self._index + 1) % len(self._targets)
+            self._connect()
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    @_translate
+    def list(self, sub: str = "") -> tuple[int, list[model.KV]]:
+        """Linearizable read of every key under prefix/sub; returns (revision, kvs). Fails without a leader."""
+        key = (self.prefix + "/" + sub).encode()
+        resp = self.kv.Range(etcdrpc.RangeRequest(key=key, range_end=prefix_end(key)), timeout=self.timeout)
+        return resp.header.revision, [
+            model.KV(key=kv.key.decode(errors="replace"), value=kv.value, create_revision=kv.create_revision,
+                     mod_revision=kv.mod_revision, lease=kv.lease) for kv in resp.kvs]
+
+    def snapshot(self) -> model.ClusterView:
+        """The whole cluster state at one revision."""
+        revision, kvs = self.list()
+        return model.build_view(self.prefix, revision, kvs)
+
+    @_translate
+    def revision(self) -> int:
+        """Current revision of the store (a cheap linearizable read)."""
+        key = self.prefix.encode()
+        resp = self.kv.Range(etcdrpc.RangeRequest(key=key, count_only=True), timeout=self.timeout)
+        return resp.header.revision
+
+    @_translate
+    def lease_ttl_left(self, lease: int) -> int:
+        """Seconds left on `lease` as etcd sees it; -1 if it no longer exists."""
+        resp = self.leases.LeaseTimeToLive(etcdrpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout)
+        return resp.TTL
+
+    # ---- leases ----------------------------------------------------------------------------
+
+    @_translate
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """Grant a new lease; returns (id, ttl granted by etcd)."""
+        resp = self.leases.LeaseGrant(etcdrpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout)
+        if resp.error:
+            raise StoreError(f"etcd refused a lease of {ttl}s: {resp.error}")
+        return resp.ID, resp.TTL
+
+    @_translate
+    def keepalive(self, lease: int, timeout: Optional[float] = None) -> int:
+        """Renew `lease` once; returns the TTL etcd reset it to, 0 if the lease is gone.
+
+        Timing-critical: the caller must take its send time *before* calling, since etcd
+        restarts the TTL when it receives the request, not when we get the answer.
+        """
+        responses = self.leases.LeaseKeepAlive(iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)]),
+                                               timeout=timeout or self.timeout)
+        for resp in responses:
+            return resp.TTL
+        return 0
+
+    @_translate
+    def revoke(self, lease: int) -> None:
+        """Revoke `lease`: etcd deletes every key attached to it in one revision."""
+        try:
+            self.leases.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def _txn(self, compare: Sequence[etcdrpc.Compare], success: Sequence[etcdrpc.RequestOp],
+             failure: Sequence[etcdrpc.RequestOp] = ()) -> etcdrpc.TxnResponse:
+        return self.kv.Txn(etcdrpc.TxnRequest(compare=compare, success=success, failure=failure),
+                           timeout=self.timeout)
+
+    @staticmethod
+    def _put(key: str, value: bytes, lease: int = 0) -> etcdrpc.RequestOp:
+        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease))
+
+    @staticmethod
+    def _delete(key: str) -> etcdrpc.RequestOp:
+        return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key.encode()))
+
+    @_translate
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Unconditional put; returns the new revision."""
+        return self.kv.Put(etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease),
+                           timeout=self.timeout).header.revision
+
+    @_translate
+    def delete(self, key: str) -> bool:
+        """Unconditional delete; True if the key existed."""
+        return self.kv.DeleteRange(etcdrpc.DeleteRangeRequest(key=key.encode()), timeout=self.timeout).deleted > 0
+
+    @_translate
+    def register(self, node: str, lease: int, node_value: bytes, candidates: Mapping[str, bytes],
+                 services: Mapping[str, bytes]) -> None:
+        """Atomically: node key and candidate keys on `lease`; member and service keys without lease."""
+        ops = [self._put(model.node_key(self.prefix, node), node_value, lease),
+               self._put(model.member_key(self.prefix, node), node_value)]
+        ops += [self._put(model.service_key(self.prefix, svc), value) for svc, value in services.items()]
+        ops += [self._put(model.candidate_key(self.prefix, svc, node), value, lease)
+                for svc, value in candidates.items()]
+        self._txn([], ops)
+
+    @_translate
+    def claim(self, service: str, node: str, lease: int, since: float) -> Optional[int]:
+        """Create the owner key on `lease` only if it is absent.
+
+        Atomic (one txn: create_revision == 0). Returns the fencing token (the key's
+        create_revision) on success, None if someone else owns the service.
+        """
+        key = model.owner_key(self.prefix, service)
+        cmp = etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE,
+                              result=etcdrpc.Compare.EQUAL, create_revision=0)
+        resp = self._txn([cmp], [self._put(key, model.encode_owner(node, lease, since), lease)])
+        return resp.header.revision if resp.succeeded else None
+
+    @_translate
+    def release(self, service: str, lease: int) -> bool:
+        """Delete the owner key only if it still hangs on `lease` (ours); True if deleted."""
+        key = model.owner_key(self.prefix, service)
+        cmp = etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.LEASE,
+                              result=etcdrpc.Compare.EQUAL, lease=lease)
+        return self._txn([cmp], [self._delete(key)]).succeeded
+
+    # ---- watch ---------------------------------------------------------------------------------
+
+    def watcher(self, wake: Callable[[], None]) -> "Watcher":
+        return Watcher(self, wake)
+
+
+class Watcher(threading.Thread):
+    """Watches the whole prefix and calls `wake()` on every change; never carries data.
+
+    It owns its lifecycle: after any error, cancel or compaction it reconnects and
+    resumes from the last revision it saw (or, after a compaction, from now), and
+    calls `wake()` so the agent re-reads the full state it may have missed.
+    """
+
+    def __init__(self, store: Store, wake: Callable[[], None]):
+        super().__init__(name="etcdha-watch", daemon=True)
+        self.store = store
+        self.wake = wake
+        self.stopping = threading.Event()
+        self.revision = 0  # last revision seen
+        self.connected = threading.Event()  # set while a watch stream is established
+        self.restarts = 0
+        self._call = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                if self.revision == 0:
+                    self.revision = self.store.revision()
+                self._watch_once()
+                backoff = 0.1
+            except Unavailable as exc:
+                log.debug("watch: %s", exc)
+            except grpc.RpcError as exc:
+                if not self.stopping.is_set():
+                    log.info("watch stream broke (%s); resuming from revision %d", exc.code(), self.revision + 1)
+            except Exception:  # noqa: BLE001 - the watch must never die silently
+                log.exception("watch: unexpected error; restarting it")
+            finally:
+                self.connected.clear()
+            self.restarts += 1
+            self.wake()
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _watch_once(self) -> None:
+        requests: "queue.Queue[Optional[etcdrpc.WatchRequest]]" = queue.Queue()
+        key = (self.store.prefix + "/").encode()
+        requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=key, range_end=prefix_end(key), start_revision=self.revision + 1, progress_notify=True)))
+
+        def outgoing() -> Iterator[etcdrpc.WatchRequest]:
+            while True:
+                item = requests.get()
+                if item is None:
+                    return
+                yield item
+
+        self._call = call = self.store.watch_stub.Watch(outgoing())
+        try:
+            for resp in call:
+                if self.stopping.is_set():
+                    return
+                if resp.created:
+                    self.connected.set()
+                    self.wake()  # we may have missed changes while not watching
+                if resp.compact_revision:
+                    log.warning("watch: revision %d was compacted; re-reading from now", self.revision + 1)
+                    self.revision = 0
+                    return
+                if resp.canceled:
+                    log.info("watch canceled by etcd: %s", resp.cancel_reason)
+                    return
+                if resp.events:
+                    self.revision = max(self.revision, max(ev.kv.mod_revision for ev in resp.events))
+                    self.wake()
+                elif not resp.created:  # progress notification: nothing pending below this revision
+                    self.revision = max(self.revision, resp.header.revision)
+        finally:
+            requests.put(None)
+            call.cancel()
+            self._call = None
+

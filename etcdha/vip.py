@@ -1,0 +1,136 @@
+"""Virtual IPs: netlink add/remove/list (pyroute2) and gratuitous ARP (a raw packet socket).
+
+Used by the agent and by the fence process, so it imports nothing that starts
+threads or gRPC. Everything acts on the network namespace of the calling process.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from etcdha.errors import ActuatorError
+
+ETH_P_ARP = 0x0806
+# Label put on every VIP we add, so `ip addr` shows who put it there.
+LABEL_SUFFIX = ":ha"
+
+
+def _index(ipr: IPRoute, interface: str) -> int:
+    found = ipr.link_lookup(ifname=interface)
+    if not found:
+        raise ActuatorError(f"interface {interface!r} does not exist in this network namespace")
+    return found[0]
+
+
+def addresses(interface: str) -> set[str]:
+    """Every IPv4 address on `interface`, as 'a.b.c.d/len'."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, interface)
+        return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+
+
+def present(interface: str, cidr: str) -> bool:
+    try:
+        return str(ipaddress.ip_interface(cidr).ip) in {a.split("/")[0] for a in addresses(interface)}
+    except ActuatorError:
+        return False
+
+
+def add(interface: str, cidr: str) -> bool:
+    """Add the VIP; True if it was added, False if it was already there."""
+    vip = ipaddress.ip_interface(cidr)
+    with IPRoute() as ipr:
+        idx = _index(ipr, interface)
+        try:
+            ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
+                     broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
+            return True
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise ActuatorError(f"cannot add {cidr} to {interface}: {exc}") from None
+
+
+def remove(interface: str, cidr: str) -> bool:
+    """Remove the VIP; True if it was there."""
+    vip = ipaddress.ip_interface(cidr)
+    try:
+        with IPRoute() as ipr:
+            idx = _index(ipr, interface)
+            ipr.addr("del", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen)
+            return True
+    except NetlinkError as exc:
+        if exc.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+            return False
+        raise ActuatorError(f"cannot remove {cidr} from {interface}: {exc}") from None
+    except ActuatorError:
+        return False  # the interface is gone, so is the address
+
+
+def remove_all(vips: Iterable[tuple[str, str]]) -> list[str]:
+    """Remove every (interface, cidr) present; returns those removed. Never raises."""
+    removed = []
+    for interface, cidr in vips:
+        try:
+            if remove(interface, cidr):
+                removed.append(f"{cidr} on {interface}")
+        except Exception:  # noqa: BLE001 - the fence must try every address
+            pass
+    return removed
+
+
+def _mac(interface: str) -> bytes:
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, interface))[0]
+        mac = link.get_attr("IFLA_ADDRESS")
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def arp_frames(mac: bytes, ip: str) -> list[bytes]:
+    """A gratuitous ARP request and reply for `ip` (as keepalived and IPaddr2 send both)."""
+    ipb = socket.inet_aton(ip)
+    bcast = b"\xff" * 6
+    frames = []
+    for op, target_mac in ((1, b"\x00" * 6), (2, bcast)):
+        eth = bcast + mac + struct.pack("!H", ETH_P_ARP)
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + ipb + target_mac + ipb
+        frames.append(eth + arp)
+    return frames
+
+
+def announce(interface: str, cidr: str, count: int = 3, interval: float = 0.2) -> None:
+    """Send gratuitous ARP now, and `count - 1` more times in the background."""
+    ip = str(ipaddress.ip_interface(cidr).ip)
+    try:
+        frames = arp_frames(_mac(interface), ip)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        sock.bind((interface, 0))
+    except (OSError, ActuatorError) as exc:
+        raise ActuatorError(f"cannot send gratuitous ARP for {ip} on {interface}: {exc}") from None
+
+    def send_all() -> None:
+        for frame in frames:
+            try:
+                sock.send(frame)
+            except OSError:
+                pass
+
+    def repeat() -> None:
+        try:
+            for _ in range(count - 1):
+                time.sleep(interval)
+                send_all()
+        finally:
+            sock.close()
+
+    send_all()
+    threading.Thread(target=repeat, name="etcdha-garp", daemon=True).start()
