@@ -44,6 +44,7 @@ class Agent:
         self.etcd_ok = True
         self.started = time.time()
         self._next_wait = 0.0
+        self.claims_from = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -100,7 +101,9 @@ class Agent:
                     s.name: model.encode_service(str(s.vip) if s.vip else None)
                     for s in self.config.services.values()})
                 self.published = {}
-                log.info("joined as %s with lease %x", self.config.node, lease_id)
+                self.claims_from = self.clock() + self.config.startup_grace
+                log.info("joined as %s with lease %x; claiming from %gs on", self.config.node, lease_id,
+                         self.config.startup_grace)
                 return True
             except StoreError as exc:
                 if self.lease is not None:
@@ -185,7 +188,7 @@ class Agent:
             priorities=self.priorities(), programs=programs, vips_up=self.vips_up(),
             with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
             cooldown_until=dict(self.cooldown_until), vacant_since=dict(self.vacant_since),
-            claim_delay=self.config.claim_delay)
+            claim_delay=self.config.claim_delay, claims_from=self.claims_from)
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)

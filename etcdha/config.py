@@ -66,6 +66,7 @@ class Config:
     fence_margin: float = 0.6
     reconcile_interval: float = 2.0
     claim_delay: float = 0.5
+    startup_grace: float = 2.0
     failure_cooldown: float = 30.0
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
@@ -189,7 +190,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
     r = _Reader(source)
     data = r.mapping(data if data is not None else {}, "(top level)")
     r.unknown_keys(data, {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin",
-                          "reconcile_interval", "claim_delay", "failure_cooldown", "run_dir",
+                          "reconcile_interval", "claim_delay", "startup_grace", "failure_cooldown", "run_dir",
                           "services"}, "")
     node = r.name(data.get("node") or socket.gethostname().split(".")[0], "node")
 
@@ -239,6 +240,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
         fence_margin=float(margin),
         reconcile_interval=float(r.number(data, "reconcile_interval", "", 2.0, minimum=0.1)),
         claim_delay=float(r.number(data, "claim_delay", "", 0.5, minimum=0.0)),
+        startup_grace=float(r.number(data, "startup_grace", "", float(ttl), minimum=0.0)),
         failure_cooldown=float(r.number(data, "failure_cooldown", "", 30.0, minimum=0.0)),
         run_dir=Path(run_dir), source=source,
     )

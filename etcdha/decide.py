@@ -63,6 +63,7 @@ class Facts:
     cooldown_until: Mapping[str, float] = field(default_factory=dict)
     vacant_since: Mapping[str, float] = field(default_factory=dict)
     claim_delay: float = 0.5
+    claims_from: float = 0.0  # no claims before this (startup grace: let peers register first)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         rank = claim_rank(view, svc, f.me)
         if rank is None:
             continue  # our candidate key is not (yet) there; ENROLL above fixes that
-        due = f.vacant_since.get(svc, f.now) + rank * f.claim_delay
+        due = max(f.vacant_since.get(svc, f.now), f.claims_from) + rank * f.claim_delay
         if f.now >= due:
             actions.append(Action(Kind.CLAIM, svc, Reason.VACANT))
         else:

@@ -1,0 +1,461 @@
+"""A multi-node etcdha cluster on one machine, in network namespaces (shared by tests, demo, bench).
+
+Topology, all inside namespaces this module creates (the root namespace is never touched):
+
+    <tag>-sw    a "switch": bridge br0, one veth per member
+    <tag>-etcd  etcd at 198.18.0.2
+    <tag>-n1..  nodes at 198.18.0.11.., each running a real agent, supervisord and the sample service
+    <tag>-cl    a client at 198.18.0.50 that probes the VIP
+
+Only 198.18.0.0/24 (benchmark range) is used. Every wait is bounded; cleanup kills
+the processes it started by PID (every PID inside our namespaces) and deletes the
+namespaces by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+NET = "198.18.0"
+ETCD_IP = f"{NET}.2"
+CLIENT_IP = f"{NET}.50"
+VIP = f"{NET}.100"
+PORT = 8080
+TAG_PREFIX = "ehl"
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, timeout=timeout, capture_output=True, text=True)
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll `cond` until it returns something truthy; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def netns_pids(ns: str) -> list[int]:
+    out = sh("ip", "netns", "pids", ns, check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def stale_namespaces() -> list[str]:
+    """Our namespaces whose creating process is gone (an interrupted run)."""
+    out = sh("ip", "netns", "list", check=False).stdout
+    stale = []
+    for line in out.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(TAG_PREFIX) and "-" in name:
+            pid = name[len(TAG_PREFIX):].split("-")[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                stale.append(name)
+    return stale
+
+
+def destroy_namespace(ns: str) -> None:
+    """Kill every process inside `ns` (by PID) and delete it."""
+    for _ in range(5):
+        pids = netns_pids(ns)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    sh("ip", "netns", "del", ns, check=False)
+
+
+class Lab:
+    """The namespaces and links. Use as a context manager: everything is removed on exit."""
+
+    def __init__(self, nodes: int = 3, workdir: Optional[Path] = None):
+        self.tag = f"{TAG_PREFIX}{os.getpid()}"
+        self.node_names = [f"n{i}" for i in range(1, nodes + 1)]
+        self.workdir = Path(workdir or f"/tmp/etcdha-lab-{self.tag}")
+        self.created: list[str] = []
+        self.holders: dict[str, subprocess.Popen] = {}
+
+    def ns(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def node_ip(self, name: str) -> str:
+        return f"{NET}.{10 + int(name[1:])}"
+
+    def up(self) -> "Lab":
+        for old in stale_namespaces():
+            destroy_namespace(old)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        sw = self.ns("sw")
+        self._add_ns(sw)
+        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", sw, "link", "set", "br0", "up")
+        members = {"etcd": ETCD_IP, "cl": CLIENT_IP, **{n: self.node_ip(n) for n in self.node_names}}
+        for role, ip in members.items():
+            ns = self.ns(role)
+            self._add_ns(ns)
+            # created inside the switch namespace, one end moved straight into the member's namespace
+            sh("ip", "-n", sw, "link", "add", role, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", sw, "link", "set", role, "master", "br0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        for name in self.node_names:
+            # a long-lived process per node namespace whose /proc/PID/net shows that namespace
+            self.holders[name] = self.popen(name, ["sleep", "7200"], stdout=subprocess.DEVNULL)
+        return self
+
+    def _add_ns(self, ns: str) -> None:
+        sh("ip", "netns", "add", ns)
+        self.created.append(ns)
+
+    def popen(self, role: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start a process inside a member's namespace (`ip netns exec` execs, so the PID is the process's)."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(role), *argv], **kwargs)
+
+    def run(self, role: str, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns(role), *argv, check=False, timeout=timeout)
+
+    def down(self) -> None:
+        for ns in reversed(self.created):
+            destroy_namespace(ns)
+        self.created.clear()
+
+    def __enter__(self) -> "Lab":
+        try:
+            return self.up()
+        except BaseException:
+            self.down()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # ---- observing a node without entering it -------------------------------------------------
+
+    def vip_on(self, name: str, ip: str = VIP) -> bool:
+        """Is `ip` a local address in node `name`'s namespace? (/proc/PID/net/fib_trie of its holder)"""
+        try:
+            lines = Path(f"/proc/{self.holders[name].pid}/net/fib_trie").read_text().splitlines()
+        except OSError:
+            return False
+        for i, line in enumerate(lines):
+            if line.strip() == f"|-- {ip}":
+                for follow in lines[i + 1:]:
+                    if not follow.strip().startswith("/"):
+                        break
+                    if "host LOCAL" in follow:
+                        return True
+        return False
+
+    def netns_inodes(self) -> dict[int, str]:
+        """Network namespace inode -> node name."""
+        found = {}
+        for name, holder in self.holders.items():
+            with contextlib.suppress(OSError):
+                found[os.stat(f"/proc/{holder.pid}/ns/net").st_ino] = name
+        return found
+
+    def programs(self, marker: str = "sample_service") -> dict[str, list[int]]:
+        """node -> PIDs of processes whose command line contains `marker` (one /proc scan)."""
+        inodes = self.netns_inodes()
+        found: dict[str, list[int]] = {n: [] for n in self.node_names}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() not in f.read():
+                        continue
+                node = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
+            except OSError:
+                continue
+            if node:
+                found[node].append(int(entry))
+        return found
+
+
+class Etcd:
+    """A single-member etcd inside the lab's etcd namespace."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.data = lab.workdir / "etcd-data"
+        self.log = lab.workdir / "etcd.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.endpoint = f"http://{ETCD_IP}:2379"
+
+    def start(self, timeout: float = 30) -> None:
+        url = self.endpoint
+        self.proc = self.lab.popen("etcd", [
+            "etcd", "--name", "e1", "--data-dir", str(self.data),
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+            "--initial-cluster", "e1=http://127.0.0.1:2380", "--logger", "zap", "--log-outputs", "stderr",
+        ], stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_until(self.healthy, timeout, "etcd to answer", interval=0.1)
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"etcd exited; see {self.log}")
+        res = self.lab.run("etcd", ["etcdctl", "--endpoints", self.endpoint, "--command-timeout=1s",
+                                    "endpoint", "health"], timeout=5)
+        return res.returncode == 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def etcdctl(self, *args: str) -> str:
+        res = self.lab.run("etcd", ["etcdctl", "--endpoints", self.endpoint, *args])
+        if res.returncode:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {res.stderr.strip()}")
+        return res.stdout
+
+
+def sample_service_command() -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "sample_service.py"), "--port", str(PORT)]
+
+
+@dataclass
+class Node:
+    """One agent in its namespace."""
+
+    lab: Lab
+    name: str
+    prefix: str
+    settings: dict = field(default_factory=dict)
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def dir(self) -> Path:
+        return self.lab.workdir / self.prefix.strip("/").replace("/", "_") / self.name
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "agent.log"
+
+    def config(self) -> dict:
+        base = {
+            "node": self.name,
+            "etcd": {"endpoints": [f"http://{ETCD_IP}:2379"], "prefix": self.prefix},
+            "lease_ttl": 2,
+            "run_dir": str(self.dir / "run"),
+            "services": {"web": {"command": sample_service_command(), "vip": f"{VIP}/24", "interface": "eth0",
+                                 "priority": 100 + 10 * (len(self.lab.node_names) - int(self.name[1:]))}},
+        }
+        for key, value in self.settings.items():
+            base[key] = value
+        return base
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.dir / "agent.yaml"
+        cfg.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        self.proc = self.lab.popen(self.name, [sys.executable, "-m", "etcdha", "agent", "--config", str(cfg)],
+                                   stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def cut_etcd_link(self) -> None:
+        """Silently drop everything this node sends to etcd (the VIP stays reachable for clients)."""
+        sh("ip", "-n", self.lab.ns(self.name), "route", "add", "blackhole", f"{ETCD_IP}/32")
+
+    def heal(self) -> None:
+        sh("ip", "-n", self.lab.ns(self.name), "route", "del", "blackhole", f"{ETCD_IP}/32", check=False)
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (graceful), then SIGKILL; then kill anything left in the namespace but the holder."""
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.heal()
+        holder = self.lab.holders[self.name].pid
+        for pid in netns_pids(self.lab.ns(self.name)):
+            if pid != holder:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.lab.run(self.name, ["ip", "addr", "del", f"{VIP}/24", "dev", "eth0"])
+
+
+class Cluster:
+    """Agents on every lab node, sharing one key prefix (unique per cluster)."""
+
+    def __init__(self, lab: Lab, etcd: Etcd, prefix: str, settings: Optional[dict] = None,
+                 per_node: Optional[dict[str, dict]] = None):
+        self.lab, self.etcd, self.prefix = lab, etcd, prefix
+        self.nodes = {n: Node(lab, n, prefix, {**(settings or {}), **(per_node or {}).get(n, {})})
+                      for n in lab.node_names}
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            if node.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    node.signal(signal.SIGCONT)
+                    node.proc.terminate()
+        for node in self.nodes.values():
+            node.stop()
+
+    def status(self) -> dict:
+        """`etcdha status --json`, run from the client namespace."""
+        res = self.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", self.etcd.endpoint,
+                                  "--prefix", self.prefix, "status", "--json"])
+        if res.returncode:
+            raise RuntimeError(f"etcdha status failed: {res.stderr.strip()}")
+        return json.loads(res.stdout)
+
+    def owner(self, service: str = "web") -> Optional[str]:
+        return self.status()["services"].get(service, {}).get("owner")
+
+    def logs(self) -> str:
+        parts = []
+        for node in self.nodes.values():
+            with contextlib.suppress(OSError):
+                parts.append(f"===== {node.name} =====\n" + node.log.read_text()[-6000:])
+        return "\n".join(parts)
+
+
+class Probe:
+    """Asks the VIP who answers, every `interval` seconds, from the client namespace.
+
+    Each answer is (monotonic time, node or None); the monotonic clock is system-wide,
+    so times compare with the test's own.
+    """
+
+    def __init__(self, lab: Lab, interval: float = 0.02, duration: float = 600):
+        self.answers: list[tuple[float, Optional[str]]] = []
+        self.proc = lab.popen("cl", [sys.executable, str(REPO / "scripts" / "probe.py"), f"http://{VIP}:{PORT}/",
+                                     "--interval", str(interval), "--duration", str(duration)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            t, who = line.split()[:2]
+            self.answers.append((float(t), None if who == "-" else who))
+
+    def last(self) -> Optional[str]:
+        return self.answers[-1][1] if self.answers else None
+
+    def first_answer_after(self, t0: float, exclude: Optional[str] = None) -> Optional[float]:
+        """Time of the first answer after t0 from a node other than `exclude`."""
+        for t, who in self.answers:
+            if t > t0 and who is not None and who != exclude:
+                return t
+        return None
+
+    def longest_gap(self, t0: float, t1: float) -> float:
+        """Longest stretch in [t0, t1] with no successful answer."""
+        last_ok, gap = t0, 0.0
+        for t, who in self.answers:
+            if t < t0 or t > t1:
+                continue
+            if who is not None:
+                gap = max(gap, t - last_ok)
+                last_ok = t
+        return max(gap, t1 - last_ok) if self.answers else t1 - t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._thread.join(5)
+
+
+class Sampler:
+    """Samples every node's VIP and service processes continuously; records any double copy."""
+
+    def __init__(self, lab: Lab, interval: float = 0.02):
+        self.lab = lab
+        self.interval = interval
+        self.samples = 0
+        self.violations: list[str] = []
+        self.holding: dict[str, tuple[bool, bool]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def sample(self) -> dict[str, tuple[bool, bool]]:
+        """node -> (VIP present, service process running)."""
+        programs = self.lab.programs()
+        return {n: (self.lab.vip_on(n), bool(programs[n])) for n in self.lab.node_names}
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 1800  # bounded even if a test forgets to stop us
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            state = self.sample()
+            self.holding = state
+            self.samples += 1
+            vips = [n for n, (v, _) in state.items() if v]
+            procs = [n for n, (_, p) in state.items() if p]
+            if len(vips) > 1 or len(procs) > 1:
+                self.violations.append(f"t={time.monotonic():.3f} VIP on {vips}, service running on {procs}")
+            self._stop.wait(self.interval)
+
+    def holder(self) -> Optional[str]:
+        """The single node that has both the VIP and the service, if exactly one does."""
+        full = [n for n, (v, p) in self.sample().items() if v and p]
+        return full[0] if len(full) == 1 else None
+
+    def nobody(self) -> bool:
+        return not any(v or p for v, p in self.sample().values())
