@@ -22,7 +22,7 @@ from etcdha.errors import ConfigError
 DEFAULT_PREFIX = "/etcdha"
 # etcd (default heartbeat/election settings) raises any TTL below this to it.
 ETCD_MIN_TTL = 2
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always used with fullmatch
 NAME_RULE = "1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit (no '/' or whitespace)"
 
 
@@ -103,7 +103,7 @@ class _Reader:
         return value
 
     def name(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not NAME_RE.match(value):
+        if not isinstance(value, str) or not NAME_RE.fullmatch(value):
             raise self.fail(path, f"a name of {NAME_RULE}", value)
         return value
 
@@ -162,12 +162,19 @@ def _service(name: Any, data: Any, r: _Reader) -> Service:
             raise r.fail(f"{path}.vip", "an IPv4 address (IPv6 VIPs are not supported yet)", data["vip"])
         if "/" not in str(data["vip"]):
             raise r.fail(f"{path}.vip", "an explicit prefix length, e.g. 198.18.0.100/24", data["vip"])
-        if not isinstance(interface, str) or not re.match(r"^[^/\s]{1,15}$", interface):
+        if not isinstance(interface, str) or not re.fullmatch(r"[^/\s]{1,15}", interface):
             raise r.fail(f"{path}.interface", "the network interface name to put the VIP on", interface)
     env = data.get("environment") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)
+    if not isinstance(env, dict) or not all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)
                                             for k in env):
         raise r.fail(f"{path}.environment", "a mapping of VARIABLE: value", env)
+    for k, v in env.items():
+        v = str(v)
+        # supervisord's environment= syntax cannot carry these (it has no escapes)
+        quoted_end = v[:1] in ("'", '"') or v[-1:] in ("'", '"')
+        if "\n" in v or "\0" in v or ('"' in v and "'" in v) or quoted_end:
+            raise r.fail(f"{path}.environment.{k}", "a value without newlines, not starting or ending with a "
+                         "quote, and not containing both kinds of quotes", v)
     directory = data.get("directory")
     if directory is not None and not isinstance(directory, str):
         raise r.fail(f"{path}.directory", "a directory path", directory)
@@ -248,7 +255,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
 
 def check_prefix(prefix: Any, where: str) -> str:
     """A key prefix is an absolute path-like string without a trailing slash."""
-    if not isinstance(prefix, str) or not re.match(r"^/[A-Za-z0-9_./-]*[A-Za-z0-9_.-]$", prefix):
+    if not isinstance(prefix, str) or not re.fullmatch(r"/[A-Za-z0-9_./-]*[A-Za-z0-9_.-]", prefix):
         raise ConfigError(f"{where}: expected a key prefix like /etcdha (got {prefix!r})")
     return prefix
 
@@ -257,9 +264,11 @@ def load(path: str | Path) -> Config:
     """Read and validate a config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -137,7 +137,10 @@ def _str(value: Any) -> Optional[str]:
 
 
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    """A finite, non-negative number below 2**53, else 0 (garbage never raises)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2 ** 53:
+        return float(value)
+    return 0.0
 
 
 def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
@@ -157,10 +160,10 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
             data = _json(kv, problems)
             if data is None:
                 continue
-            services = data.get("services") if isinstance(data.get("services"), dict) else {}
+            states = data.get("services") if isinstance(data.get("services"), dict) else {}
             nodes[rest[0]] = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
                                       started=_num(data.get("started")),
-                                      services={str(k): str(v) for k, v in services.items()})
+                                      services={str(k): str(v) for k, v in states.items()})
         elif kind == "candidates" and len(rest) == 2:
             data = _json(kv, problems)
             prio = data.get("priority") if data else None

@@ -8,7 +8,10 @@ from etcdha.model import ClusterView
 
 
 def _iso(ts: float) -> Optional[str]:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
+    except (OverflowError, ValueError, OSError):
+        return None  # a garbage timestamp in etcd must not break `status`
 
 
 def status(view: ClusterView) -> dict[str, Any]:

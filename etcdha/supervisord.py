@@ -54,14 +54,19 @@ def _quote_value(value: str) -> str:
     return value.replace("%", "%%")
 
 
+def _env_quote(value: str) -> str:
+    return f"'{value}'" if '"' in value else f'"{value}"'
+
+
 def program_section(service: Service, node: str, token: int, log_dir: Path) -> str:
     """The [program:x] section for one service, with the fencing token in its environment."""
     env = {**service.environment, "ETCDHA_SERVICE": service.name, "ETCDHA_NODE": node,
            "ETCDHA_FENCING_TOKEN": str(token)}
     if service.vip:
         env["ETCDHA_VIP"] = str(service.vip.ip)
-    env_items = ",".join(f'{k}="{_quote_value(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                         for k, v in sorted(env.items()))
+    # supervisord splits this with a non-POSIX shlex: no escapes, quotes kept then stripped.
+    # config.py rejects values that cannot be written this way.
+    env_items = ",".join(f"{k}={_env_quote(_quote_value(v))}" for k, v in sorted(env.items()))
     lines = [
         f"[program:{service.name}]",
         f"command={_quote_value(shlex.join(service.command))}",
