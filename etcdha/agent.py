@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Callable, Optional
@@ -24,6 +25,21 @@ from etcdha.store import Store
 from etcdha.supervisord import Supervisor
 
 log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify, WatchdogSec=) how we are; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.debug("sd_notify: %s", exc)
 
 
 class Agent:
@@ -45,6 +61,7 @@ class Agent:
         self.started = time.time()
         self._next_wait = 0.0
         self.claims_from = 0.0
+        self.ready = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -142,6 +159,7 @@ class Agent:
     def shutdown(self) -> None:
         """Graceful: stop programs, drop VIPs, then revoke the lease so others take over at once."""
         log.info("shutting down: stopping services and handing them over")
+        sd_notify("STOPPING=1")
         if self.watcher is not None:
             self.watcher.stop()
         try:
@@ -196,6 +214,10 @@ class Agent:
             self.execute(action)
         if view is not None:
             self.publish(view, programs)
+            if not self.ready:
+                self.ready = True
+                sd_notify(f"READY=1\nSTATUS=joined as {self.config.node}")
+        sd_notify("WATCHDOG=1")  # only from the loop: a stuck loop gets restarted by systemd
         wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
                                                                                self.config.reconcile_interval)
         self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
