@@ -290,9 +290,15 @@ class Agent:
 
     def start(self, service: Service, token: int) -> None:
         if service.vip:
-            if vip.add(service.interface, str(service.vip)):
+            cidr = str(service.vip)
+            if not vip.present(service.interface, cidr):
+                other = vip.in_use_elsewhere(service.interface, cidr)
+                if other:
+                    raise ActuatorError(f"VIP {service.vip.ip} is already answered on {service.interface} by "
+                                        f"{other} (not an etcdha owner?); refusing to add a duplicate")
+            if vip.add(service.interface, cidr):
                 log.info("added VIP %s on %s", service.vip, service.interface)
-            vip.announce(service.interface, str(service.vip))
+            vip.announce(service.interface, cidr)
         self.supervisor.start(service, token)
         log.info("started %s (fencing token %d)", service.name, token)
 

@@ -11,7 +11,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -105,6 +105,55 @@ def arp_frames(mac: bytes, ip: str) -> list[bytes]:
         arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + ipb + target_mac + ipb
         frames.append(eth + arp)
     return frames
+
+
+def probe_frame(mac: bytes, ip: str) -> bytes:
+    """An RFC 5227 ARP probe: who has `ip`? (sender address 0.0.0.0, so no cache learns from it)"""
+    eth = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP)
+    return eth + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + b"\0" * 4 + b"\0" * 6 + socket.inet_aton(ip)
+
+
+def reply_sender(frame: bytes, ip: str, own_mac: bytes) -> Optional[str]:
+    """The MAC in `frame` if it is an ARP reply claiming `ip` from another host, else None."""
+    if len(frame) < 42 or frame[12:14] != struct.pack("!H", ETH_P_ARP):
+        return None
+    op = struct.unpack("!H", frame[20:22])[0]
+    sender_mac, sender_ip = frame[22:28], frame[28:32]
+    if op == 2 and sender_ip == socket.inet_aton(ip) and sender_mac != own_mac:
+        return ":".join(f"{b:02x}" for b in sender_mac)
+    return None
+
+
+def in_use_elsewhere(interface: str, cidr: str, timeout: float = 0.05) -> Optional[str]:
+    """Ask the link whether another host already answers for the VIP; its MAC if so.
+
+    Run before adding a VIP we do not have, so a VIP configured on some other machine
+    (or a node that escaped fencing) is never duplicated.
+    """
+    ip = str(ipaddress.ip_interface(cidr).ip)
+    try:
+        mac = _mac(interface)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+            sock.bind((interface, 0))
+            frame = probe_frame(mac, ip)
+            deadline = time.monotonic() + timeout
+            sent = 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if sent < 2 and left <= timeout * (1 - sent / 2):
+                    sock.send(frame)
+                    sent += 1
+                sock.settimeout(min(left, timeout / 2))
+                try:
+                    found = reply_sender(sock.recv(128), ip, mac)
+                except socket.timeout:
+                    continue
+                if found:
+                    return found
+    except OSError as exc:
+        raise ActuatorError(f"cannot probe for {ip} on {interface}: {exc}") from None
 
 
 def announce(interface: str, cidr: str, count: int = 3, interval: float = 0.2) -> None:

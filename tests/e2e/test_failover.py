@@ -34,6 +34,10 @@ def test_start_elects_the_preferred_node(make_cluster, sampler, probe):
     assert status["services"]["web"]["owner"] == "n1"
     assert status["services"]["web"]["candidates"] == ["n1", "n2", "n3"]
     assert all(n["alive"] for n in status["nodes"].values())
+    answer = cluster.lab.run("cl", ["python3", "-c", "import urllib.request as u; print(u.build_opener("
+                                    "u.ProxyHandler({})).open('http://198.18.0.100:8080/').read().decode())"])
+    assert answer.stdout.split() == ["n1", str(status["services"]["web"]["fencing_token"])], \
+        "the program sees its fencing token in ETCDHA_FENCING_TOKEN"
     time.sleep(1)  # keep sampling a little: nobody else starts a copy
     assert sampler.violations == []
 
