@@ -68,6 +68,7 @@ class Lease:
         self._expired = False
         self._state = LeaseState.LOST
         self._stop = threading.Event()
+        self._notice_lock = threading.Lock()  # the renewal thread and poll() both report changes
         self._thread: Optional[threading.Thread] = None
 
     def grant(self) -> int:
@@ -117,6 +118,10 @@ class Lease:
             next_at = max(next_at, self.clock() - self.interval)
 
     def _notice(self) -> None:
+        with self._notice_lock:
+            self._notice_locked()
+
+    def _notice_locked(self) -> None:
         state = self.state
         if state is not self._state:
             level = logging.INFO if state is LeaseState.OK else logging.WARNING

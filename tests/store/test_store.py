@@ -1,0 +1,340 @@
+"""etcdha.store.Store against a real etcd: claims, leases, fencing tokens, garbage, errors."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import pytest
+from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
+
+from etcdha import model
+from etcdha.config import EtcdConfig
+from etcdha.errors import StoreError, Unavailable
+from etcdha.store import Store, prefix_end
+
+from .conftest import free_port, wait_for
+
+pytestmark = pytest.mark.store
+
+
+def _register(store: Store, node: str, lease: int, service: str = "web") -> None:
+    store.register(node, lease, model.encode_node(node, lease, pid=123, started=1.0, services={service: "RUNNING"}),
+                   candidates={service: model.encode_candidate(100)},
+                   services={service: model.encode_service(None)})
+
+
+def _watch_events(store: Store, start_revision: int, count: int, timeout: float) -> list:
+    """Collect the first `count` watch events under the store's prefix from `start_revision` (bounded)."""
+    key = (store.prefix + "/").encode()
+    done = threading.Event()
+
+    def requests():
+        yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=key, range_end=prefix_end(key), start_revision=start_revision))
+        done.wait(timeout + 5)
+
+    call = store.watch_stub.Watch(requests(), timeout=timeout)
+    events = []
+    try:
+        for resp in call:
+            events.extend(resp.events)
+            if len(events) >= count:
+                break
+    finally:
+        done.set()
+        call.cancel()
+    return events
+
+
+# ---- 1. claim race -----------------------------------------------------------------------------
+
+def test_claim_race_has_exactly_one_winner(store):
+    n = 20
+    leases = [store.grant(10)[0] for _ in range(n)]
+    barrier = threading.Barrier(n, timeout=10)
+    results: dict[int, object] = {}
+
+    def contend(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = store.claim("web", f"node{i}", leases[i], since=time.time())
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=contend, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    try:
+        assert not any(t.is_alive() for t in threads), "a claim did not return"
+        errors = [r for r in results.values() if isinstance(r, Exception)]
+        assert not errors, errors
+        winners = {i: tok for i, tok in results.items() if tok is not None}
+        assert len(results) == n
+        assert len(winners) == 1, results
+        (winner, token), = winners.items()
+        assert isinstance(token, int) and token > 0
+
+        view = store.snapshot()
+        owner = view.owners["web"]
+        assert owner.token == token  # token is the owner key's create_revision
+        assert owner.node == f"node{winner}"
+        assert owner.lease == leases[winner]
+    finally:
+        for lease in leases:
+            store.revoke(lease)
+
+
+# ---- 2. revoke deletes everything on the lease at once -----------------------------------------
+
+def test_revoke_deletes_owner_node_and_candidate_in_one_revision(store):
+    lease, _ = store.grant(10)
+    _register(store, "a", lease)
+    token = store.claim("web", "a", lease, since=time.time())
+    assert token is not None
+
+    view = store.snapshot()
+    assert set(view.nodes) == {"a"}
+    assert set(view.candidates["web"]) == {"a"}
+    assert view.owners["web"].node == "a"
+    assert view.problems == ()
+
+    before = store.revision()
+    store.revoke(lease)
+
+    view = store.snapshot()
+    assert view.nodes == {}
+    assert view.candidates == {}
+    assert view.owners == {}
+    # keys without a lease stay: the node is still a member, the service still known
+    assert view.members == frozenset({"a"})
+    assert view.services == {"web": None}
+
+    events = _watch_events(store, before + 1, 3, timeout=5)
+    deleted = {ev.kv.key.decode(): ev.kv.mod_revision for ev in events if ev.type == kv_pb2.Event.DELETE}
+    p = store.prefix
+    assert set(deleted) == {model.owner_key(p, "web"), model.node_key(p, "a"), model.candidate_key(p, "web", "a")}
+    assert len(set(deleted.values())) == 1, f"deleted in several revisions: {deleted}"
+
+    store.revoke(lease)  # revoking again (lease not found) is not an error
+
+
+# ---- 3. lease expiry ---------------------------------------------------------------------------
+
+def test_owner_key_disappears_when_the_lease_expires(store):
+    granted_at = time.monotonic()
+    lease, ttl = store.grant(2)
+    assert ttl == 2
+    assert store.claim("web", "a", lease, since=time.time()) is not None
+
+    wait_for(lambda: "web" not in store.snapshot().owners, timeout=ttl + 3, interval=0.1,
+             what="the owner key to expire with its lease")
+    elapsed = time.monotonic() - granted_at
+    assert elapsed >= 1.0, f"owner key vanished after {elapsed:.2f}s, before the {ttl}s TTL"
+    assert store.lease_ttl_left(lease) == -1
+
+
+# ---- 4. keepalive ------------------------------------------------------------------------------
+
+def test_keepalive_returns_ttl_while_alive_and_zero_after_revoke(store):
+    lease, ttl = store.grant(5)
+    assert store.keepalive(lease) == ttl
+    assert store.keepalive(lease, timeout=1.0) == ttl
+    assert 0 < store.lease_ttl_left(lease) <= ttl
+    store.revoke(lease)
+    assert store.keepalive(lease) == 0
+    assert store.lease_ttl_left(lease) == -1
+
+
+# ---- 5. release is conditional on the lease ------------------------------------------------------
+
+def test_release_only_deletes_the_owner_key_on_our_lease(store):
+    ours, _ = store.grant(10)
+    theirs, _ = store.grant(10)
+    try:
+        assert store.release("web", ours) is False  # nothing to release
+        token = store.claim("web", "a", ours, since=time.time())
+        assert token is not None
+
+        assert store.release("web", theirs) is False
+        assert store.snapshot().owners["web"].token == token
+
+        assert store.release("web", ours) is True
+        assert "web" not in store.snapshot().owners
+        assert store.release("web", ours) is False
+    finally:
+        store.revoke(ours)
+        store.revoke(theirs)
+
+
+# ---- 6. fencing tokens -------------------------------------------------------------------------
+
+def test_fencing_token_strictly_increases_across_owners(store):
+    tokens = []
+    for i in range(5):
+        lease, _ = store.grant(10)
+        token = store.claim("web", f"node{i}", lease, since=time.time())
+        assert token is not None
+        assert store.snapshot().owners["web"].token == token
+        # someone else cannot claim while it is owned
+        other, _ = store.grant(10)
+        assert store.claim("web", "intruder", other, since=time.time()) is None
+        store.revoke(other)
+        tokens.append(token)
+        if i % 2:
+            store.revoke(lease)
+        else:
+            assert store.release("web", lease) is True
+            store.revoke(lease)
+    assert all(a < b for a, b in zip(tokens, tokens[1:])), tokens
+
+
+# ---- 7. garbage values -------------------------------------------------------------------------
+
+def test_garbage_values_are_problems_not_exceptions(store):
+    p = store.prefix
+    lease, _ = store.grant(10)
+    _register(store, "good", lease, service="db")
+    store.put(model.owner_key(p, "web"), b"\xff\xfe{not json")
+    store.put(model.candidate_key(p, "web", "bad"), b"not json at all")
+    store.put(model.node_key(p, "bad"), b"\x00\x01\x02")
+    store.put(model.owner_key(p, "list"), b"[1, 2, 3]")
+    store.put(model.owner_key(p, "noname"), b'{"lease": "1"}')
+    store.put(model.candidate_key(p, "web", "strprio"), b'{"priority": "high"}')
+
+    view = store.snapshot()
+
+    problem_keys = {pr.split(": ", 1)[0] for pr in view.problems}
+    assert {model.owner_key(p, "web"), model.candidate_key(p, "web", "bad"), model.node_key(p, "bad"),
+            model.owner_key(p, "list"), model.owner_key(p, "noname"),
+            model.candidate_key(p, "web", "strprio")} <= problem_keys, view.problems
+    # a garbage owner key still counts as owned, by an unknown node
+    for svc in ("web", "list", "noname"):
+        assert view.owners[svc].node == model.UNKNOWN_OWNER
+        assert view.owners[svc].token > 0
+    # garbage node and candidates are treated as absent; the good ones are intact
+    assert set(view.nodes) == {"good"}
+    assert "web" not in view.candidates
+    assert set(view.candidates["db"]) == {"good"}
+    assert view.live_candidates("db")[0].node == "good"
+    store.revoke(lease)
+
+
+def test_node_program_states_do_not_leak_into_service_vips(store):
+    """Regression: build_view once reused the name `services` for a node's program states,
+    so they leaked into ClusterView.services as if they were VIPs (fixed in 8e34d24)."""
+    lease, _ = store.grant(10)
+    # The node reports a program ('old') that is no longer a configured service.
+    store.register("a", lease, model.encode_node("a", lease, pid=1, started=1.0,
+                                                 services={"old": "RUNNING", "web": "RUNNING"}),
+                   candidates={"web": model.encode_candidate(100, "10.0.0.1/24")},
+                   services={"web": model.encode_service("10.0.0.1/24")})
+    view = store.snapshot()
+    store.revoke(lease)
+    assert view.services == {"web": "10.0.0.1/24"}
+
+
+# ---- 10. unreachable etcd ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", ["snapshot", "grant", "claim"])
+def test_unreachable_etcd_raises_unavailable_quickly(call):
+    port = free_port()  # bound then closed: nothing listens there
+    endpoint = f"http://127.0.0.1:{port}"
+    timeout = 1.0
+    s = Store(EtcdConfig(endpoints=(endpoint,), prefix=f"/t-{uuid.uuid4().hex}", timeout=timeout))
+    try:
+        ops = {"snapshot": lambda: s.snapshot(), "grant": lambda: s.grant(5),
+               "claim": lambda: s.claim("web", "a", 1, since=0.0)}
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            ops[call]()
+        took = time.monotonic() - started
+        assert took < timeout + 1.0, f"{call} took {took:.2f}s"
+        assert endpoint in str(info.value)
+    finally:
+        s.close()
+
+
+def test_unreachable_second_endpoint_rotates_to_the_live_one(etcd_server):
+    """With a dead endpoint first, a failed call rotates and the next one reaches the live server."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    s = Store(EtcdConfig(endpoints=(dead, etcd_server.endpoint), prefix=f"/t-{uuid.uuid4().hex}", timeout=1.0))
+    try:
+        with pytest.raises(Unavailable):
+            s.revision()
+        assert s.endpoint == etcd_server.endpoint
+        assert s.revision() > 0
+    finally:
+        s.close()
+
+
+class _HungEtcd:
+    """A gRPC server speaking etcd's KV and Lease services that never answers (a hung etcd).
+
+    Unlike a dead port, the connection and HTTP/2 handshake succeed, so only the per-call
+    deadline can end a call.
+    """
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        hang = self._hang
+
+        class KV(etcdrpc.KVServicer):
+            Range = Txn = Put = DeleteRange = hang
+
+        class Lease(etcdrpc.LeaseServicer):
+            LeaseGrant = LeaseRevoke = LeaseTimeToLive = hang
+
+            def LeaseKeepAlive(self, request_iterator, context):  # noqa: N802 - gRPC API
+                hang(None, context)
+                return iter(())
+
+        etcdrpc.add_KVServicer_to_server(KV(), self.server)
+        etcdrpc.add_LeaseServicer_to_server(Lease(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.server.start()
+
+    def _hang(self, request, context):
+        self.release.wait(10)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.stop(0)
+
+
+@pytest.mark.parametrize("call", ["snapshot", "grant", "claim", "keepalive", "revoke"])
+def test_hung_etcd_times_out_with_unavailable(call):
+    hung = _HungEtcd()
+    timeout = 0.5
+    s = Store(EtcdConfig(endpoints=(hung.endpoint,), prefix=f"/t-{uuid.uuid4().hex}", timeout=timeout))
+    try:
+        ops = {"snapshot": lambda: s.snapshot(), "grant": lambda: s.grant(5),
+               "claim": lambda: s.claim("web", "a", 1, since=0.0),
+               "keepalive": lambda: s.keepalive(1), "revoke": lambda: s.revoke(1)}
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            ops[call]()
+        took = time.monotonic() - started
+        assert timeout * 0.8 <= took < timeout + 1.0, f"{call} took {took:.2f}s"
+        assert "DEADLINE_EXCEEDED" in str(info.value)
+        assert hung.endpoint in str(info.value)
+    finally:
+        s.close()
+        hung.close()
+
+
+def test_claim_on_a_dead_lease_is_an_error_not_a_claim(store):
+    lease, _ = store.grant(5)
+    store.revoke(lease)
+    with pytest.raises(StoreError) as info:
+        store.claim("web", "a", lease, since=time.time())
+    assert not isinstance(info.value, Unavailable)
+    assert "web" not in store.snapshot().owners
