@@ -51,6 +51,34 @@ def owner_key(prefix: str, service: str) -> str:
     return f"{prefix}/owners/{service}"
 
 
+def move_key(prefix: str, service: str) -> str:
+    """A planned hand-over of `service` to a node; on its own short lease, so it expires by itself."""
+    return f"{prefix}/moves/{service}"
+
+
+def drain_key(prefix: str, node: str) -> str:
+    """`node` is drained (no lease: persists across agent restarts until undrain)."""
+    return f"{prefix}/drain/{node}"
+
+
+ALL_SERVICES = "*"  # pause key name meaning every service (not a valid service name)
+
+
+def pause_key(prefix: str, service: str = ALL_SERVICES) -> str:
+    """Maintenance mode for `service` (or every service); no lease."""
+    return f"{prefix}/pause/{service}"
+
+
+def cooldown_key(prefix: str, service: str, node: str) -> str:
+    """`node` failed to run `service` and stays out of its election until `until`; on the node's lease."""
+    return f"{prefix}/cooldowns/{service}/{node}"
+
+
+def history_prefix(prefix: str, service: str = "") -> str:
+    """Ownership transitions; kept out of snapshots and watches (see store.py), bounded in size."""
+    return f"{prefix}/history/{service + '/' if service else ''}"
+
+
 # ---- value objects -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -80,6 +108,39 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
+class Move:
+    """A requested hand-over; valid only while the owner still has `token`."""
+
+    service: str
+    to: str
+    source: str
+    token: int
+    lease: int = 0
+    requested: float = 0.0
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A drain or pause mark (presence is what counts; garbage values still count)."""
+
+    since: float = 0.0
+    by: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One history entry."""
+
+    service: str
+    time: float
+    node: str
+    event: str      # claimed, released, fenced, moved, failed
+    reason: str
+    token: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterView:
     """Everything under the prefix at one revision."""
 
@@ -89,12 +150,23 @@ class ClusterView:
     owners: Mapping[str, Owner] = field(default_factory=dict)
     members: frozenset[str] = frozenset()
     services: Mapping[str, Optional[str]] = field(default_factory=dict)  # every known service -> VIP
+    moves: Mapping[str, Move] = field(default_factory=dict)
+    drained: Mapping[str, Mark] = field(default_factory=dict)
+    paused: Mapping[str, Mark] = field(default_factory=dict)  # service or ALL_SERVICES -> mark
+    cooldowns: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> until
     problems: tuple[str, ...] = ()
 
     def live_candidates(self, service: str) -> list[Candidate]:
         """Candidates of `service` whose node is alive, best first (priority desc, then name)."""
         found = [c for c in self.candidates.get(service, {}).values() if c.node in self.nodes]
         return sorted(found, key=lambda c: (-c.priority, c.node))
+
+    def eligible(self, service: str) -> list[Candidate]:
+        """Live candidates that are not drained: who may take `service`, best first."""
+        return [c for c in self.live_candidates(service) if c.node not in self.drained]
+
+    def is_paused(self, service: str) -> bool:
+        return service in self.paused or ALL_SERVICES in self.paused
 
 
 # ---- codecs -------------------------------------------------------------------------------
@@ -118,6 +190,38 @@ def encode_service(vip: Optional[str]) -> bytes:
 def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str]) -> bytes:
     return encode({"node": node, "lease": f"{lease:x}", "pid": pid, "started": round(started, 3),
                    "services": dict(services)})
+
+
+def encode_move(to: str, source: str, token: int, requested: float) -> bytes:
+    return encode({"to": to, "from": source, "token": token, "requested": round(requested, 3)})
+
+
+def encode_mark(since: float, by: str) -> bytes:
+    return encode({"since": round(since, 3), "by": by})
+
+
+def encode_cooldown(until: float, reason: str) -> bytes:
+    return encode({"until": round(until, 3), "reason": reason})
+
+
+def encode_event(e: Event) -> bytes:
+    return encode({"time": round(e.time, 6), "node": e.node, "event": e.event, "reason": e.reason,
+                   "token": e.token, "detail": e.detail})
+
+
+def decode_events(prefix: str, kvs: list[KV]) -> tuple[list[Event], list[str]]:
+    """History entries in key order (oldest first), plus problems for undecodable ones."""
+    problems: list[str] = []
+    events = []
+    for kv in kvs:
+        rest = kv.key[len(history_prefix(prefix)):].split("/")
+        data = _json(kv, problems)
+        if data is None or len(rest) != 2:
+            continue
+        events.append(Event(service=rest[0], time=_num(data.get("time")), node=str(data.get("node", "?")),
+                            event=str(data.get("event", "?")), reason=str(data.get("reason", "")),
+                            token=int(_num(data.get("token"))), detail=str(data.get("detail", ""))))
+    return events, problems
 
 
 def _json(kv: KV, problems: list[str]) -> Optional[dict]:
@@ -151,6 +255,10 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
     owners: dict[str, Owner] = {}
     members: set[str] = set()
     services: dict[str, Optional[str]] = {}
+    moves: dict[str, Move] = {}
+    drained: dict[str, Mark] = {}
+    paused: dict[str, Mark] = {}
+    cooldowns: dict[tuple[str, str], float] = {}
     for kv in kvs:
         if not kv.key.startswith(prefix + "/"):
             continue
@@ -178,6 +286,23 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
         elif kind == "services" and len(rest) == 1:
             data = _json(kv, problems)
             services[rest[0]] = data.get("vip") if data and isinstance(data.get("vip"), str) else None
+        elif kind == "moves" and len(rest) == 1:
+            data = _json(kv, problems)
+            to, source = (_str(data.get("to")), _str(data.get("from"))) if data else (None, None)
+            token = data.get("token") if data else None
+            if to is None or source is None or not isinstance(token, int):
+                problems.append(f"{kv.key}: expected {{to, from, token}}; ignoring this move request")
+                continue
+            moves[rest[0]] = Move(service=rest[0], to=to, source=source, token=token, lease=kv.lease,
+                                  requested=_num(data.get("requested")))
+        elif kind in ("drain", "pause") and len(rest) == 1:
+            data = _json(kv, problems) or {}  # a garbage mark still counts: it only ever holds back
+            mark = Mark(since=_num(data.get("since")), by=str(data.get("by", "")))
+            (drained if kind == "drain" else paused)[rest[0]] = mark
+        elif kind == "cooldowns" and len(rest) == 2:
+            data = _json(kv, problems)
+            until = _num(data.get("until")) if data else 0.0
+            cooldowns[(rest[0], rest[1])] = until or float("inf")  # garbage: cool until cleaned up
         elif kind == "owners" and len(rest) == 1:
             data = _json(kv, problems)
             node = _str(data.get("node")) if data else None
@@ -189,4 +314,5 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
                                     since=_num(data.get("since")) if data else 0.0)
     return ClusterView(revision=revision, nodes=nodes, candidates=candidates, owners=owners,
                        members=frozenset(members | set(nodes)),
-                       services={**{s: None for s in candidates}, **services}, problems=tuple(problems))
+                       services={**{s: None for s in candidates}, **services}, moves=moves, drained=drained,
+                       paused=paused, cooldowns=cooldowns, problems=tuple(problems))

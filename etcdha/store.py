@@ -14,6 +14,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -127,19 +128,31 @@ class Store:
 
     # ---- reads ---------------------------------------------------------------------------
 
+    def _ranges(self) -> list[tuple[bytes, bytes]]:
+        """The prefix minus its history subtree: what agents snapshot and watch."""
+        start = (self.prefix + "/").encode()
+        history = model.history_prefix(self.prefix).encode()
+        return [(start, history), (prefix_end(history), prefix_end(start))]
+
+    @staticmethod
+    def _kvs(raw) -> list[model.KV]:  # noqa: ANN001 - protobuf repeated field
+        return [model.KV(key=kv.key.decode(errors="replace"), value=kv.value, create_revision=kv.create_revision,
+                         mod_revision=kv.mod_revision, lease=kv.lease) for kv in raw]
+
     @_translate
     def list(self, sub: str = "") -> tuple[int, list[model.KV]]:
         """Linearizable read of every key under prefix/sub; returns (revision, kvs). Fails without a leader."""
         key = (self.prefix + "/" + sub).encode()
         resp = self.kv.Range(etcdrpc.RangeRequest(key=key, range_end=prefix_end(key)), timeout=self.timeout)
-        return resp.header.revision, [
-            model.KV(key=kv.key.decode(errors="replace"), value=kv.value, create_revision=kv.create_revision,
-                     mod_revision=kv.mod_revision, lease=kv.lease) for kv in resp.kvs]
+        return resp.header.revision, self._kvs(resp.kvs)
 
+    @_translate
     def snapshot(self) -> model.ClusterView:
-        """The whole cluster state at one revision."""
-        revision, kvs = self.list()
-        return model.build_view(self.prefix, revision, kvs)
+        """The whole cluster state (history excluded) at one revision, read atomically."""
+        ops = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=a, range_end=b)) for a, b in self._ranges()]
+        resp = self._txn([], ops)
+        kvs = [kv for r in resp.responses for kv in self._kvs(r.response_range.kvs)]
+        return model.build_view(self.prefix, resp.header.revision, kvs)
 
     @_translate
     def revision(self) -> int:
@@ -224,17 +237,67 @@ class Store:
         self._txn([], ops)
 
     @_translate
-    def claim(self, service: str, node: str, lease: int, since: float) -> Optional[int]:
+    def claim(self, service: str, node: str, lease: int, since: float, move_lease: int = -1) -> Optional[int]:
         """Create the owner key on `lease` only if it is absent.
 
         Atomic (one txn: create_revision == 0). Returns the fencing token (the key's
-        create_revision) on success, None if someone else owns the service.
+        create_revision) on success, None if someone else owns the service. When we are
+        the target of a move (`move_lease` >= 0), the move request is deleted in the same
+        transaction, so a completed move leaves nothing behind.
         """
         key = model.owner_key(self.prefix, service)
-        cmp = etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE,
-                              result=etcdrpc.Compare.EQUAL, create_revision=0)
-        resp = self._txn([cmp], [self._put(key, model.encode_owner(node, lease, since), lease)])
+        cmp = [etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE,
+                               result=etcdrpc.Compare.EQUAL, create_revision=0)]
+        ops = [self._put(key, model.encode_owner(node, lease, since), lease)]
+        if move_lease >= 0:
+            ops.append(self._delete(model.move_key(self.prefix, service)))
+        resp = self._txn(cmp, ops)
         return resp.header.revision if resp.succeeded else None
+
+    @_translate
+    def request_move(self, service: str, source: str, to: str, token: int, timeout: int) -> bool:
+        """Ask the owner (still holding `token`) to hand `service` to `to`.
+
+        The request hangs on a fresh lease of `timeout` seconds: if the move does not
+        complete, it disappears by itself and normal election resumes. False if the
+        owner changed meanwhile or another move is pending.
+        """
+        lease, _ = self.grant(timeout)
+        owner = model.owner_key(self.prefix, service).encode()
+        move = model.move_key(self.prefix, service)
+        cmp = [etcdrpc.Compare(key=owner, target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                               create_revision=token),
+               etcdrpc.Compare(key=move.encode(), target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                               create_revision=0)]
+        ok = self._txn(cmp, [self._put(move, model.encode_move(to, source, token, time.time()), lease)]).succeeded
+        if not ok:
+            self.revoke(lease)
+        return ok
+
+    @_translate
+    def record(self, event: model.Event, keep: int = 100) -> None:
+        """Append a history entry for event.service and drop the oldest beyond `keep`."""
+        base = model.history_prefix(self.prefix, event.service)
+        self.put(f"{base}{int(event.time * 1e6):017d}-{event.node}", model.encode_event(event))
+        start = base.encode()
+        resp = self.kv.Range(etcdrpc.RangeRequest(key=start, range_end=prefix_end(start), keys_only=True),
+                             timeout=self.timeout)
+        if resp.count > keep:
+            cutoff = sorted(kv.key for kv in resp.kvs)[resp.count - keep]
+            self.kv.DeleteRange(etcdrpc.DeleteRangeRequest(key=start, range_end=cutoff), timeout=self.timeout)
+
+    def history(self, service: str = "") -> list[model.Event]:
+        """History entries, oldest first (all services, or one)."""
+        _, kvs = self.list("history/" + (service + "/" if service else ""))
+        events, _ = model.decode_events(self.prefix, kvs)
+        return sorted(events, key=lambda e: e.time)
+
+    @_translate
+    def delete_prefix(self, key: str) -> int:
+        """Delete every key starting with `key`; returns how many."""
+        start = key.encode()
+        return self.kv.DeleteRange(etcdrpc.DeleteRangeRequest(key=start, range_end=prefix_end(start)),
+                                   timeout=self.timeout).deleted
 
     @_translate
     def release(self, service: str, lease: int) -> bool:
@@ -298,9 +361,9 @@ class Watcher(threading.Thread):
 
     def _watch_once(self) -> None:
         requests: "queue.Queue[Optional[etcdrpc.WatchRequest]]" = queue.Queue()
-        key = (self.store.prefix + "/").encode()
-        requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-            key=key, range_end=prefix_end(key), start_revision=self.revision + 1, progress_notify=True)))
+        for start, end in self.store._ranges():  # history writes do not wake agents
+            requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+                key=start, range_end=end, start_revision=self.revision + 1, progress_notify=True)))
 
         def outgoing() -> Iterator[etcdrpc.WatchRequest]:
             while True:
