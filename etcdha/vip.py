@@ -156,8 +156,17 @@ def in_use_elsewhere(interface: str, cidr: str, timeout: float = 0.05) -> Option
         raise ActuatorError(f"cannot probe for {ip} on {interface}: {exc}") from None
 
 
-def announce(interface: str, cidr: str, count: int = 3, interval: float = 0.2) -> None:
-    """Send gratuitous ARP now, and `count - 1` more times in the background."""
+GARP_SCHEDULE = (0.0, 0.25, 0.5, 1.25, 2.5)  # seconds after the VIP is added; later ones outlast ARP locktime
+
+
+def announce(interface: str, cidr: str, schedule: Iterable[float] = GARP_SCHEDULE) -> threading.Event:
+    """Send gratuitous ARP (request and reply) now and at the later times of `schedule`, in the background.
+
+    Several rounds, as keepalived does: a neighbour that updated its entry for the VIP
+    less than its locktime (1 s) ago may ignore the first ones. The rounds stop as soon
+    as the VIP is no longer ours (or the returned event is set): a node that has handed
+    the VIP over must never announce it again.
+    """
     ip = str(ipaddress.ip_interface(cidr).ip)
     try:
         frames = arp_frames(_mac(interface), ip)
@@ -165,6 +174,7 @@ def announce(interface: str, cidr: str, count: int = 3, interval: float = 0.2) -
         sock.bind((interface, 0))
     except (OSError, ActuatorError) as exc:
         raise ActuatorError(f"cannot send gratuitous ARP for {ip} on {interface}: {exc}") from None
+    cancelled = threading.Event()
 
     def send_all() -> None:
         for frame in frames:
@@ -173,13 +183,18 @@ def announce(interface: str, cidr: str, count: int = 3, interval: float = 0.2) -
             except OSError:
                 pass
 
+    times = sorted(schedule)
+    started = time.monotonic()
+
     def repeat() -> None:
         try:
-            for _ in range(count - 1):
-                time.sleep(interval)
+            for at in times[1:]:
+                if cancelled.wait(max(0.0, started + at - time.monotonic())) or not present(interface, cidr):
+                    return
                 send_all()
         finally:
             sock.close()
 
     send_all()
     threading.Thread(target=repeat, name="etcdha-garp", daemon=True).start()
+    return cancelled
