@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from etcdha import decide, model, vip
 from etcdha.config import Config, Service
-from etcdha.decide import Action, Kind
+from etcdha.decide import Action, Kind, Reason
 from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
 from etcdha.fence import FenceClient
 from etcdha.lease import Lease, LeaseState
@@ -53,7 +53,8 @@ class Agent:
         self.fence: Optional[FenceClient] = None
         self.lease: Optional[Lease] = None
         self.watcher = None
-        self.cooldown_until: dict[str, float] = {}
+        self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
+        self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
         self.vacant_since: dict[str, float] = {}
         self.published: Optional[dict[str, str]] = None
         self.known_pids: dict[str, int] = {}
@@ -113,8 +114,7 @@ class Agent:
                                    clock=self.clock)
                 lease_id = self.lease.grant()
                 self.store.register(self.config.node, lease_id, self.node_value({}), {
-                    s.name: self.candidate_value(s) for s in self.config.services.values()
-                    if self.cooldown_until.get(s.name, 0) <= self.clock()}, {
+                    s.name: self.candidate_value(s) for s in self.config.services.values()}, {
                     s.name: model.encode_service(str(s.vip) if s.vip else None)
                     for s in self.config.services.values()})
                 self.published = {}
@@ -145,7 +145,10 @@ class Agent:
         except StoreError:
             pass
         self.start_runtime()
-        self.join()
+        if self.join():
+            for service, token in self.owned.items():
+                self.record(service, "fenced", why, token)
+        self.owned = {}
 
     def kill_known_programs(self) -> None:
         """The fence is gone (killed?): kill the program groups we last saw ourselves."""
@@ -168,6 +171,8 @@ class Agent:
             log.warning("stopping programs: %s", exc)
         for removed in vip.remove_all(self.config.vips):
             log.info("removed VIP %s", removed)
+        for service, token in self.owned.items():
+            self.record(service, "released", "agent stopped", token)
         if self.lease is not None and self.lease.id:
             try:
                 self.lease.revoke()
@@ -201,11 +206,13 @@ class Agent:
         now = self.clock()
         if view is not None:
             self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
+            self.owned = {svc: o.token for svc, o in view.owners.items()
+                          if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
         facts = decide.Facts(
             me=self.config.node, lease=self.lease.id, lease_state=state, now=now,
             priorities=self.priorities(), programs=programs, vips_up=self.vips_up(),
             with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
-            cooldown_until=dict(self.cooldown_until), vacant_since=dict(self.vacant_since),
+            wall_now=time.time(), vacant_since=dict(self.vacant_since),
             claim_delay=self.config.claim_delay, claims_from=self.claims_from)
         plan = decide.plan(view, facts)
         if plan.actions:
@@ -270,23 +277,44 @@ class Agent:
         try:
             if action.kind is Kind.ENROLL:
                 self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
+                self.store.delete(model.cooldown_key(prefix, service.name, me))
             elif action.kind is Kind.WITHDRAW:
                 self.store.delete(model.candidate_key(prefix, service.name, me))
             elif action.kind is Kind.CLAIM:
-                token = self.store.claim(service.name, me, lease, time.time())
+                token = self.store.claim(service.name, me, lease, time.time(),
+                                         complete_move=action.reason is Reason.MOVED)
                 log.info("%s %s", "claimed" if token else "lost the race for", service.name)
+                if token:
+                    self.record(service.name, "claimed", action.reason.value, token)
             elif action.kind is Kind.START:
                 self.start(service, action.token)
             elif action.kind is Kind.STOP:
                 self.stop(service)
             elif action.kind is Kind.RELEASE:
-                self.release(service, "supervisord reports FATAL")
+                self.release(service, "supervisord reports FATAL", action.token)
+            elif action.kind is Kind.HANDOFF:
+                self.stop(service)
+                if self.store.release(service.name, lease):
+                    log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
+                    self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}")
+            elif action.kind is Kind.REQUEST_MOVE:
+                if self.store.request_move(service.name, me, action.target, action.token, self.config.move_timeout):
+                    log.info("drained: asked to move %s to %s", service.name, action.target)
         except (ConfigError, ActuatorError) as exc:
             log.error("%s failed: %s", action, exc)
             if action.kind is Kind.START:
-                self.release(service, str(exc))
+                self.release(service, str(exc), action.token)
         except StoreError as exc:
             log.error("%s failed: %s", action, exc)
+
+    def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
+        """Append to the service's history in etcd; history is best effort, never blocks a decision."""
+        try:
+            self.store.record(model.Event(service=service, time=time.time(), node=self.config.node, event=event,
+                                          reason=reason, token=token, detail=detail),
+                              keep=self.config.history_size)
+        except StoreError as exc:
+            log.warning("could not record %s %s in history: %s", event, service, exc)
 
     def start(self, service: Service, token: int) -> None:
         if service.vip:
@@ -298,30 +326,34 @@ class Agent:
                                         f"{other} (not an etcdha owner?); refusing to add a duplicate")
             if vip.add(service.interface, cidr):
                 log.info("added VIP %s on %s", service.vip, service.interface)
-            vip.announce(service.interface, cidr)
+            self.announcing[service.name] = vip.announce(service.interface, cidr)
         self.supervisor.start(service, token)
         log.info("started %s (fencing token %d)", service.name, token)
 
     def stop(self, service: Service) -> None:
         self.supervisor.stop(service)
+        if service.name in self.announcing:
+            self.announcing.pop(service.name).set()
         if service.vip and vip.remove(service.interface, str(service.vip)):
             log.info("removed VIP %s from %s", service.vip, service.interface)
         log.info("stopped %s", service.name)
 
-    def release(self, service: Service, why: str) -> None:
-        """Give up a service that fails here: stop, drop VIP, step aside, delete the owner key."""
+    def release(self, service: Service, why: str, token: int = 0) -> None:
+        """Give up a service that fails here: stop, drop VIP, step aside for a while, delete the owner key."""
         try:
             self.stop(service)
         except ActuatorError as exc:
             log.error("stopping %s: %s", service.name, exc)
             if service.vip:
                 vip.remove(service.interface, str(service.vip))
-        self.cooldown_until[service.name] = self.clock() + self.config.failure_cooldown
-        prefix = self.config.etcd.prefix
-        self.store.delete(model.candidate_key(prefix, service.name, self.config.node))
+        prefix, me = self.config.etcd.prefix, self.config.node
+        until = time.time() + self.config.failure_cooldown
+        self.store.put(model.cooldown_key(prefix, service.name, me), model.encode_cooldown(until, why), self.lease.id)
+        self.store.delete(model.candidate_key(prefix, service.name, me))
         self.store.release(service.name, self.lease.id)
-        log.warning("released %s: %s; not taking it here again for %gs", service.name, why,
-                    self.config.failure_cooldown)
+        self.record(service.name, "failed", why, token)
+        log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
+                    service.name, why, self.config.failure_cooldown, service.name)
 
     def publish(self, view: model.ClusterView, programs: dict[str, str]) -> None:
         """Keep our node key current (program states), re-creating it if it vanished."""

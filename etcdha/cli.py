@@ -5,15 +5,20 @@ ClickExceptions (exit 1, one clear line, no traceback).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import getpass
 import json
 import logging
+import socket
 import sys
-from typing import Optional
+import threading
+import time
+from typing import Callable, Iterator, Optional
 
 import click
 
-from etcdha import __version__, config as config_mod, report
+from etcdha import __version__, config as config_mod, model, report
 from etcdha.errors import ConfigError, StoreError
 from etcdha.store import Store
 
@@ -110,25 +115,351 @@ def agent(settings: Settings, agent_config: Optional[str]) -> None:
     sys.exit(code)
 
 
+def fail_store(exc: StoreError) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@contextlib.contextmanager
+def connected(settings: Settings) -> Iterator[Store]:
+    """A Store for one command; etcd errors become one clear line (exit 1)."""
+    store = open_store(settings)
+    try:
+        yield store
+    except StoreError as exc:
+        raise fail_store(exc) from None
+    finally:
+        store.close()
+
+
+def status_doc(store: Store) -> dict:
+    view = store.snapshot()
+    ttl = {}
+    for info in view.nodes.values():
+        try:
+            ttl[info.lease] = store.lease_ttl_left(info.lease)
+        except StoreError:
+            pass
+    return report.status(view, ttl)
+
+
+def wait_for(store: Store, done: Callable[[model.ClusterView], Optional[str]], timeout: float,
+             progress: Callable[[model.ClusterView], Optional[str]] = lambda v: None) -> Optional[model.ClusterView]:
+    """Re-read the cluster on every etcd change (and every 0.5 s) until `done(view)` is truthy or timeout."""
+    wake = threading.Event()
+    watcher = store.watcher(wake.set)
+    watcher.start()
+    deadline = time.monotonic() + timeout
+    last = None
+    try:
+        while True:
+            view = store.snapshot()
+            note = progress(view)
+            if note and note != last:
+                click.echo(note)
+                last = note
+            if done(view):
+                return view
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            wake.wait(min(0.5, left))
+            wake.clear()
+    finally:
+        watcher.stop()
+
+
+def known_service(view: model.ClusterView, service: str) -> None:
+    if service not in view.services and service not in view.owners:
+        known = ", ".join(sorted(view.services)) or "none"
+        raise click.BadParameter(f"unknown service {service!r} (known: {known})", param_hint="SERVICE")
+
+
+def known_node(view: model.ClusterView, node: str) -> None:
+    if node not in view.members:
+        known = ", ".join(sorted(view.members)) or "none"
+        raise click.BadParameter(f"unknown node {node!r} (known: {known})", param_hint="NODE")
+
+
+def who() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable interface).")
+@click.option("--watch", is_flag=True, help="Redraw whenever something changes in etcd (Ctrl-C to stop).")
 @click.pass_obj
-def status(settings: Settings, as_json: bool) -> None:
+def status(settings: Settings, as_json: bool, watch: bool) -> None:
     """Show every service's owner and state, and every node's liveness.
 
     \b
     Examples:
       etcdha --config /etc/etcdha/agent.yaml status
       etcdha status --json | jq '.services.web.owner'
+      etcdha status --watch
     """
-    store = open_store(settings)
-    try:
-        doc = report.status(store.snapshot())
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else report.table(doc))
+    render = (lambda d: json.dumps(d, indent=2, sort_keys=True)) if as_json else report.table
+    with connected(settings) as store:
+        if not watch:
+            click.echo(render(status_doc(store)))
+            return
+        wake = threading.Event()
+        watcher = store.watcher(wake.set)
+        watcher.start()
+        try:
+            while True:
+                text = render(status_doc(store))
+                click.clear()
+                click.echo(f"{time.strftime('%H:%M:%S')}  (watching {store.endpoint}{store.prefix}; Ctrl-C to stop)")
+                click.echo(text)
+                wake.wait(5.0)
+                wake.clear()
+                time.sleep(0.1)  # let a burst of changes settle into one redraw
+        except KeyboardInterrupt:
+            pass
+        finally:
+            watcher.stop()
+
+
+@main.command()
+@click.argument("service")
+@click.option("--to", "target", metavar="NODE", help="Target node (default: the best other live candidate).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the target owns it.")
+@click.option("--timeout", "move_timeout", type=click.IntRange(2, 3600), default=10, show_default=True,
+              help="Seconds for the target to take over; after that normal election resumes.")
+@click.pass_obj
+def move(settings: Settings, service: str, target: Optional[str], wait: bool, move_timeout: int) -> None:
+    """Hand SERVICE over to another node (a planned move; nothing is left behind).
+
+    The owner stops the service and releases it; only the target may claim it
+    until the move completes or --timeout passes. Exit code 0 means the target owns it.
+
+    \b
+    Examples:
+      etcdha move web --to n2
+      etcdha move web            # to the best other live candidate
+    """
+    with connected(settings) as store:
+        view = store.snapshot()
+        known_service(view, service)
+        owner = view.owners.get(service)
+        if owner is None:
+            raise click.ClickException(f"{service} has no owner: nothing to move (see etcdha status)")
+        if view.is_paused(service):
+            raise click.ClickException(f"{service} is paused: agents do not move it (etcdha resume {service})")
+        if service in view.moves:
+            raise click.ClickException(f"a move of {service} to {view.moves[service].to} is already pending")
+        now = time.time()
+        ok_targets = [c.node for c in view.eligible(service)
+                      if c.node != owner.node and view.cooldowns.get((service, c.node), 0) <= now]
+        if target is None:
+            if not ok_targets:
+                raise click.ClickException(f"no other live, undrained candidate can take {service}")
+            target = ok_targets[0]
+        elif target == owner.node:
+            raise click.ClickException(f"{service} already runs on {target}")
+        elif target not in view.nodes:
+            raise click.ClickException(f"{target} is not alive (no agent holds a lease there)")
+        elif target not in view.candidates.get(service, {}):
+            raise click.ClickException(f"{target} is not a candidate for {service} (not in its config, or "
+                                       f"cooling down after a failure: etcdha cleanup {service})")
+        elif target in view.drained:
+            raise click.ClickException(f"{target} is drained (etcdha undrain {target} first)")
+        elif target not in ok_targets:
+            raise click.ClickException(f"{target} is cooling down after {service} failed there "
+                                       f"(etcdha cleanup {service} --node {target})")
+        if not store.request_move(service, owner.node, target, owner.token, move_timeout):
+            raise click.ClickException(f"the owner of {service} changed meanwhile; look again with etcdha status")
+        click.echo(f"moving {service} from {owner.node} to {target}")
+        if not wait:
+            return
+        started = time.monotonic()
+        final = wait_for(store, lambda v: (v.owners.get(service) is not None
+                                           and v.owners[service].node == target), move_timeout + 1)
+        if final is None:
+            now_owner = store.snapshot().owners.get(service)
+            raise click.ClickException(f"{target} did not take {service} within {move_timeout}s; normal election "
+                                       f"resumes (owner now: {now_owner.node if now_owner else 'none'})")
+        click.echo(f"{service} now runs on {target} (took {time.monotonic() - started:.2f}s, "
+                   f"fencing token {final.owners[service].token})")
+
+
+@main.command()
+@click.argument("node")
+@click.option("--wait", is_flag=True, help="Show progress and return when NODE owns nothing.")
+@click.option("--timeout", "drain_timeout", type=click.FloatRange(1, 86400), default=300, show_default=True,
+              help="With --wait: give up after this many seconds (the node stays drained).")
+@click.pass_obj
+def drain(settings: Settings, node: str, wait: bool, drain_timeout: float) -> None:
+    """Move every service off NODE, one by one, and keep it from taking new ones.
+
+    The mark persists (also across agent restarts) until `etcdha undrain NODE`.
+    A service that no other live node can run stays where it is.
+
+    \b
+    Examples:
+      etcdha drain n1 --wait
+      etcdha undrain n1
+    """
+    with connected(settings) as store:
+        view = store.snapshot()
+        known_node(view, node)
+        store.put(model.drain_key(store.prefix, node), model.encode_mark(time.time(), who()))
+        click.echo(f"{node} is drained")
+        if not wait:
+            return
+
+        def owned(v: model.ClusterView) -> list[str]:
+            return sorted(s for s, o in v.owners.items() if o.node == node)
+
+        def progress(v: model.ClusterView) -> str:
+            left = owned(v)
+            moving = ", ".join(f"{m.service} -> {m.to}" for m in v.moves.values() if m.source == node)
+            stuck = [s for s in left if not [c for c in v.eligible(s) if c.node != node]]
+            return (f"  {node} still owns: {', '.join(left) or 'nothing'}"
+                    + (f"; moving: {moving}" if moving else "")
+                    + (f"; no other node can run: {', '.join(stuck)}" if stuck else ""))
+
+        def done(v: model.ClusterView) -> bool:  # nothing owned, and the last move landed (or expired)
+            return not owned(v) and not any(m.source == node for m in v.moves.values())
+
+        final = wait_for(store, done, drain_timeout, progress)
+        if final is None:
+            raise click.ClickException(f"{node} still owns {', '.join(owned(store.snapshot()))} after "
+                                       f"{drain_timeout:g}s (it stays drained)")
+        click.echo(f"{node} owns nothing now")
+
+
+@main.command()
+@click.argument("node")
+@click.pass_obj
+def undrain(settings: Settings, node: str) -> None:
+    """Let NODE take services again (services do not move back by themselves).
+
+    \b
+    Example:
+      etcdha undrain n1
+    """
+    with connected(settings) as store:
+        existed = store.delete(model.drain_key(store.prefix, node))
+        click.echo(f"{node} is no longer drained" if existed else f"{node} was not drained")
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.pass_obj
+def pause(settings: Settings, service: Optional[str]) -> None:
+    """Maintenance: agents neither start, stop nor move SERVICE (or every service).
+
+    Agents keep their leases and keep reporting state; the fence still stops a
+    paused service on a node that loses its lease (safety first), and nobody else
+    claims a paused service meanwhile.
+
+    \b
+    Examples:
+      etcdha pause web           # then work on web by hand
+      etcdha pause               # every service
+    """
+    with connected(settings) as store:
+        if service is not None:
+            known_service(store.snapshot(), service)
+        store.put(model.pause_key(store.prefix, service or model.ALL_SERVICES), model.encode_mark(time.time(), who()))
+        click.echo(f"paused {service or 'every service'}")
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.pass_obj
+def resume(settings: Settings, service: Optional[str]) -> None:
+    """End maintenance for SERVICE, or (without SERVICE) every pause mark.
+
+    \b
+    Examples:
+      etcdha resume web
+      etcdha resume
+    """
+    with connected(settings) as store:
+        names = [service] if service else sorted(store.snapshot().paused)
+        gone = [n for n in names if store.delete(model.pause_key(store.prefix, n))]
+        click.echo(f"resumed {', '.join('every service' if n == model.ALL_SERVICES else n for n in gone)}"
+                   if gone else "nothing was paused")
+
+
+@main.command()
+@click.option("--raw", is_flag=True, help="Exactly what `etcdctl get --prefix PREFIX` prints.")
+@click.pass_obj
+def keys(settings: Settings, raw: bool) -> None:
+    """Show every key under the prefix, decoded, with its lease and the TTL left.
+
+    \b
+    Examples:
+      etcdha keys
+      etcdha keys --raw | diff - <(etcdctl get --prefix /etcdha)
+    """
+    with connected(settings) as store:
+        _, kvs = store.list()
+        if raw:
+            out = sys.stdout.buffer
+            for kv in kvs:
+                out.write(kv.key.encode() + b"\n" + kv.value + b"\n")
+            out.flush()
+            return
+        ttl = {}
+        for lease in {kv.lease for kv in kvs if kv.lease}:
+            try:
+                ttl[lease] = store.lease_ttl_left(lease)
+            except StoreError:
+                ttl[lease] = None
+        for kv in kvs:
+            try:
+                value = json.dumps(json.loads(kv.value.decode()), sort_keys=True)
+            except (UnicodeDecodeError, ValueError):
+                value = f"NOT JSON: {kv.value[:80]!r}"
+            lease = f"lease {kv.lease:x} ({ttl.get(kv.lease)}s left)" if kv.lease else "no lease"
+            click.echo(f"{kv.key}  [{lease}, rev {kv.mod_revision}]\n    {value}")
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True, help="Newest N entries.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def history(settings: Settings, service: Optional[str], limit: int, as_json: bool) -> None:
+    """Ownership transitions (claimed, released, fenced, moved, failed), oldest first.
+
+    \b
+    Examples:
+      etcdha history web
+      etcdha history --limit 10
+    """
+    with connected(settings) as store:
+        if service is not None:
+            known_service(store.snapshot(), service)
+        events = store.history(service or "")[-limit:]
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in events], indent=2))
+    else:
+        click.echo(report.history_rows(events))
+
+
+@main.command()
+@click.argument("service")
+@click.option("--node", help="Only this node's cooldown (default: every node's).")
+@click.pass_obj
+def cleanup(settings: Settings, service: str, node: Optional[str]) -> None:
+    """Clear the failure cooldown of SERVICE so nodes where it failed may run it again.
+
+    \b
+    Examples:
+      etcdha cleanup web
+      etcdha cleanup web --node n1
+    """
+    with connected(settings) as store:
+        known_service(store.snapshot(), service)
+        if node:
+            count = int(store.delete(model.cooldown_key(store.prefix, service, node)))
+        else:
+            count = store.delete_prefix(model.cooldown_key(store.prefix, service, ""))
+        click.echo(f"cleared {count} cooldown(s) of {service}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class Config:
     claim_delay: float = 0.5
     startup_grace: float = 2.0
     failure_cooldown: float = 30.0
+    move_timeout: int = 10
+    history_size: int = 100
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
 
@@ -198,6 +200,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
     data = r.mapping(data if data is not None else {}, "(top level)")
     r.unknown_keys(data, {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin",
                           "reconcile_interval", "claim_delay", "startup_grace", "failure_cooldown", "run_dir",
+                          "move_timeout", "history_size",
                           "services"}, "")
     node = r.name(data.get("node") or socket.gethostname().split(".")[0], "node")
 
@@ -249,6 +252,8 @@ def parse(data: Any, source: str = "<config>") -> Config:
         claim_delay=float(r.number(data, "claim_delay", "", 0.5, minimum=0.0)),
         startup_grace=float(r.number(data, "startup_grace", "", float(ttl), minimum=0.0)),
         failure_cooldown=float(r.number(data, "failure_cooldown", "", 30.0, minimum=0.0)),
+        move_timeout=r.number(data, "move_timeout", "", 10, minimum=ETCD_MIN_TTL, integer=True),
+        history_size=r.number(data, "history_size", "", 100, minimum=1, integer=True),
         run_dir=Path(run_dir), source=source,
     )
 

@@ -16,6 +16,7 @@ ACTIVE = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 # states where we should look again soon, because supervisord is about to decide
 TRANSITIONAL = frozenset({"STARTING", "BACKOFF", "STOPPING"})
 FAST_TICK = 0.2
+PROGRAM_POLL = 0.5  # how soon we look again at a program we run (a crash is restarted by us)
 
 
 class Kind(enum.Enum):
@@ -25,6 +26,8 @@ class Kind(enum.Enum):
     START = "start"        # VIP up + gratuitous ARP, then program start
     STOP = "stop"          # program stop, then VIP down
     RELEASE = "release"    # stop, VIP down, delete the owner key, cooldown
+    HANDOFF = "handoff"    # planned move away: stop, VIP down, delete the owner key (the target claims)
+    REQUEST_MOVE = "request-move"  # drained: ask for one of our services to move to `target`
 
 
 class Reason(enum.Enum):
@@ -34,6 +37,8 @@ class Reason(enum.Enum):
     FAILED = "failed"            # supervisord gave up on the program (FATAL)
     COOLDOWN = "cooldown"        # failed here recently; let other nodes take it
     CANDIDATE = "candidate"      # we can run it and are not yet registered
+    MOVED = "moved"              # an operator asked for a planned move
+    DRAINED = "drained"          # this node is drained: hand everything over
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,13 @@ class Action:
     kind: Kind
     service: str
     reason: Reason
-    token: int = 0  # fencing token for START
+    token: int = 0  # fencing token for START, HANDOFF and REQUEST_MOVE
+    target: str = ""  # REQUEST_MOVE: where to
 
     def __str__(self) -> str:
         tok = f" token={self.token}" if self.token else ""
-        return f"{self.kind.value} {self.service} ({self.reason.value}{tok})"
+        to = f" to {self.target}" if self.target else ""
+        return f"{self.kind.value} {self.service}{to} ({self.reason.value}{tok})"
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class Facts:
     programs: Mapping[str, str] = field(default_factory=dict)  # service -> supervisord state
     vips_up: frozenset[str] = frozenset()             # services whose VIP is on our interface
     with_vip: frozenset[str] = frozenset()            # services that have a VIP at all
-    cooldown_until: Mapping[str, float] = field(default_factory=dict)
+    wall_now: float = 0.0                             # wall clock, for cooldowns written to etcd
     vacant_since: Mapping[str, float] = field(default_factory=dict)
     claim_delay: float = 0.5
     claims_from: float = 0.0  # no claims before this (startup grace: let peers register first)
@@ -87,11 +94,16 @@ def track_vacancy(previous: Mapping[str, float], view: ClusterView, services: Ma
 
 
 def claim_rank(view: ClusterView, service: str, me: str) -> Optional[int]:
-    """Our position among live candidates (0 = preferred); None if we are not one."""
-    for i, cand in enumerate(view.live_candidates(service)):
+    """Our position among live, undrained candidates (0 = preferred); None if we are not one."""
+    for i, cand in enumerate(view.eligible(service)):
         if cand.node == me:
             return i
     return None
+
+
+def _next_home(view: ClusterView, service: str, me: str) -> Optional[str]:
+    """The best live, undrained candidate other than us: where a drained node sends `service`."""
+    return next((c.node for c in view.eligible(service) if c.node != me), None)
 
 
 def plan(view: Optional[ClusterView], f: Facts) -> Plan:
@@ -99,17 +111,23 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
 
     Without a view (etcd unreachable) we change nothing: running services stay until
     the fence stops them at the lease deadline; nothing new is claimed or started.
+    A paused service is left exactly as it is (no start, stop, claim, release or move).
     """
     if view is None:
         return Plan(wake_in=FAST_TICK)
     actions: list[Action] = []
     wakes: list[float] = []
     healthy = f.lease_state is LeaseState.OK
+    drained = f.me in view.drained
+    # a drained node moves one service at a time: none while a move away from us is pending
+    moving_away = any(m.source == f.me for m in view.moves.values())
     for svc in sorted(f.priorities):
         owner = view.owners.get(svc)
+        move = view.moves.get(svc)
         program = f.programs.get(svc, "STOPPED")
         running_here = program in ACTIVE or svc in f.vips_up
-        cooling = f.cooldown_until.get(svc, 0.0) > f.now
+        cool_until = view.cooldowns.get((svc, f.me), 0.0)
+        cooling = cool_until > f.wall_now
         if program in TRANSITIONAL:
             wakes.append(FAST_TICK)
 
@@ -119,21 +137,37 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         elif healthy and not cooling and not enrolled:
             actions.append(Action(Kind.ENROLL, svc, Reason.CANDIDATE))
         if cooling:
-            wakes.append(f.cooldown_until[svc] - f.now)
+            wakes.append(cool_until - f.wall_now)
+        if view.is_paused(svc):
+            continue
 
         if is_mine(owner, f):
             assert owner is not None
             if program == "FATAL":
-                actions.append(Action(Kind.RELEASE, svc, Reason.FAILED))
+                actions.append(Action(Kind.RELEASE, svc, Reason.FAILED, token=owner.token))
+            elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
+                actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
+                                      token=owner.token, target=move.to))
+            elif drained and healthy and move is None and not moving_away and _next_home(view, svc, f.me):
+                # one service at a time; a service nobody else can run stays (and keeps running) here
+                actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token,
+                                      target=_next_home(view, svc, f.me)))
+                moving_away = True
             elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
                                                           and program != "STOPPING")):
                 actions.append(Action(Kind.START, svc, Reason.OWNER, token=owner.token))
                 wakes.append(FAST_TICK)  # watch it through STARTING
+            elif program in ACTIVE:
+                wakes.append(PROGRAM_POLL)
             continue
         if running_here:
             actions.append(Action(Kind.STOP, svc, Reason.NOT_OWNER))
-        if owner is not None or not healthy or cooling:
+        if owner is not None or not healthy or cooling or drained:
             continue
+        if move is not None:
+            if move.to == f.me:  # the target of a planned move claims at once, ahead of everyone
+                actions.append(Action(Kind.CLAIM, svc, Reason.MOVED))
+            continue  # others wait for the target; the request expires by itself if it fails
         rank = claim_rank(view, svc, f.me)
         if rank is None:
             continue  # our candidate key is not (yet) there; ENROLL above fixes that

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from etcdha.model import ClusterView
+from etcdha.model import ClusterView, Event
 
 
 def _iso(ts: float) -> Optional[str]:
@@ -14,8 +14,14 @@ def _iso(ts: float) -> Optional[str]:
         return None  # a garbage timestamp in etcd must not break `status`
 
 
-def status(view: ClusterView) -> dict[str, Any]:
-    """Stable shape: {"services": {NAME: {"owner": NODE|null, ...}}, "nodes": {NAME: {...}}, ...}."""
+def status(view: ClusterView, ttl_left: Optional[Mapping[int, int]] = None,
+           now: Optional[float] = None) -> dict[str, Any]:
+    """Stable shape: {"services": {NAME: {"owner": NODE|null, ...}}, "nodes": {NAME: {...}}, ...}.
+
+    `ttl_left` maps lease ids to seconds left (from etcd); `now` is the wall clock for cooldowns.
+    """
+    ttl_left = ttl_left or {}
+    now = time.time() if now is None else now
     names = sorted(set(view.services) | set(view.owners))
     services: dict[str, Any] = {}
     for name in names:
@@ -30,6 +36,9 @@ def status(view: ClusterView) -> dict[str, Any]:
             "since": _iso(owner.since) if owner else None,
             "fencing_token": owner.token if owner else None,
             "candidates": [c.node for c in view.live_candidates(name)],
+            "paused": view.is_paused(name),
+            "moving_to": view.moves[name].to if name in view.moves else None,
+            "cooling_down": sorted(n for (s, n), until in view.cooldowns.items() if s == name and until > now),
         }
     nodes: dict[str, Any] = {}
     for name in sorted(view.members):
@@ -40,6 +49,8 @@ def status(view: ClusterView) -> dict[str, Any]:
             "started": _iso(info.started) if info else None,
             "lease": f"{info.lease:x}" if info else None,
             "owns": sorted(s for s, o in view.owners.items() if o.node == name),
+            "drained": name in view.drained,
+            "lease_ttl_left": ttl_left.get(info.lease) if info else None,
         }
     return {"revision": view.revision, "services": services, "nodes": nodes, "problems": list(view.problems)}
 
@@ -50,11 +61,26 @@ def table(doc: dict[str, Any]) -> str:
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
+    def notes(s: dict[str, Any]) -> str:
+        parts = (["PAUSED"] if s["paused"] else []) + ([f"moving to {s['moving_to']}"] if s["moving_to"] else [])
+        parts += [f"cooling down on {','.join(s['cooling_down'])}"] if s["cooling_down"] else []
+        return "; ".join(parts) or "-"
+
     svc_rows = [[name, s["owner"] or "-", s["state"], s["vip"] or "-", str(s["fencing_token"] or "-"),
-                 s["since"] or "-", ",".join(s["candidates"]) or "-"] for name, s in doc["services"].items()]
-    node_rows = [[name, "yes" if n["alive"] else "NO", ",".join(n["owns"]) or "-", n["started"] or "-"]
-                 for name, n in doc["nodes"].items()]
-    lines = render(["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES"], svc_rows)
-    lines += [""] + render(["NODE", "ALIVE", "OWNS", "STARTED"], node_rows)
+                 s["since"] or "-", ",".join(s["candidates"]) or "-", notes(s)] for name, s in doc["services"].items()]
+    node_rows = [[name, "yes" if n["alive"] else "NO", "DRAINED" if n["drained"] else "-",
+                  "-" if n["lease_ttl_left"] is None else f"{n['lease_ttl_left']}s",
+                  ",".join(n["owns"]) or "-", n["started"] or "-"] for name, n in doc["nodes"].items()]
+    lines = render(["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
+    lines += [""] + render(["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"], node_rows)
     lines += [f"problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)
+
+
+def history_rows(events: list[Event]) -> str:
+    """History as an aligned table, oldest first."""
+    rows = [["TIME", "SERVICE", "EVENT", "NODE", "REASON", "TOKEN", "DETAIL"]]
+    rows += [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time)) + f".{int(e.time * 1000) % 1000:03d}",
+              e.service, e.event, e.node, e.reason, str(e.token or "-"), e.detail or "-"] for e in events]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -237,19 +237,19 @@ class Store:
         self._txn([], ops)
 
     @_translate
-    def claim(self, service: str, node: str, lease: int, since: float, move_lease: int = -1) -> Optional[int]:
+    def claim(self, service: str, node: str, lease: int, since: float, complete_move: bool = False) -> Optional[int]:
         """Create the owner key on `lease` only if it is absent.
 
         Atomic (one txn: create_revision == 0). Returns the fencing token (the key's
         create_revision) on success, None if someone else owns the service. When we are
-        the target of a move (`move_lease` >= 0), the move request is deleted in the same
+        the target of a move (`complete_move`), the move request is deleted in the same
         transaction, so a completed move leaves nothing behind.
         """
         key = model.owner_key(self.prefix, service)
         cmp = [etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE,
                                result=etcdrpc.Compare.EQUAL, create_revision=0)]
         ops = [self._put(key, model.encode_owner(node, lease, since), lease)]
-        if move_lease >= 0:
+        if complete_move:
             ops.append(self._delete(model.move_key(self.prefix, service)))
         resp = self._txn(cmp, ops)
         return resp.header.revision if resp.succeeded else None

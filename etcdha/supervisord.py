@@ -2,8 +2,9 @@
 
 supervisord itself is started by the fence process (so the fence can kill it and
 everything below it); this module writes its config and drives it. Programs are
-generated with autostart=false: a restarted supervisord never starts a copy on
-its own. Supervisor faults are mapped to outcomes in `_call` only.
+generated with autostart=false and autorestart=false: a restarted supervisord
+never starts a copy on its own, and restarting a crashed program is the agent's
+decision (it must not happen while the service is paused). Supervisor faults are mapped to outcomes in `_call` only.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def program_section(service: Service, node: str, token: int, log_dir: Path) -> s
         f"[program:{service.name}]",
         f"command={_quote_value(shlex.join(service.command))}",
         "autostart=false",
-        "autorestart=true",
+        "autorestart=false",  # the agent restarts it (and does not while the service is paused)
         f"startsecs={service.startsecs}",
         f"startretries={service.startretries}",
         f"stopwaitsecs={service.stopwaitsecs}",

@@ -174,9 +174,9 @@ class Lab:
                 found[os.stat(f"/proc/{holder.pid}/ns/net").st_ino] = name
         return found
 
-    def programs(self, marker: str = "sample_service") -> dict[str, list[int]]:
+    def programs(self, marker: str = "sample_service", inodes: Optional[dict[int, str]] = None) -> dict[str, list[int]]:
         """node -> PIDs of processes whose command line contains `marker` (one /proc scan)."""
-        inodes = self.netns_inodes()
+        inodes = self.netns_inodes() if inodes is None else inodes
         found: dict[str, list[int]] = {n: [] for n in self.node_names}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -240,8 +240,18 @@ class Etcd:
         return res.stdout
 
 
-def sample_service_command() -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "sample_service.py"), "--port", str(PORT)]
+def sample_service_command(name: str = "web", port: int = PORT) -> list[str]:
+    """The sample HTTP service; `--name=NAME` doubles as the marker the sampler looks for."""
+    return [sys.executable, str(REPO / "scripts" / "sample_service.py"), f"--port={port}", f"--name={name}"]
+
+
+def services(*names: str, priorities: Optional[dict[str, int]] = None) -> dict:
+    """Config for sample services: the first on VIP .100, the next on .101, ...; each on its own port."""
+    found = {}
+    for i, name in enumerate(names):
+        found[name] = {"command": sample_service_command(name, PORT + i), "vip": f"{NET}.{100 + i}/24",
+                       "interface": "eth0", "priority": (priorities or {}).get(name, 100)}
+    return found
 
 
 @dataclass
@@ -269,10 +279,14 @@ class Node:
             "lease_ttl": 2,
             "run_dir": str(self.dir / "run"),
             "services": {"web": {"command": sample_service_command(), "vip": f"{VIP}/24", "interface": "eth0",
-                                 "priority": 100 + 10 * (len(self.lab.node_names) - int(self.name[1:]))}},
+                                 "priority": 100}},
         }
         for key, value in self.settings.items():
             base[key] = value
+        # n1 is preferred over n2 over n3 for every service (on top of the configured priority)
+        base["services"] = {name: {**svc, "priority": svc.get("priority", 100) + 10 * (len(self.lab.node_names)
+                                                                                    - int(self.name[1:]))}
+                            for name, svc in base["services"].items()}
         return base
 
     def start(self) -> None:
@@ -343,10 +357,14 @@ class Cluster:
         for node in self.nodes.values():
             node.stop()
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run `etcdha ARGS` against this cluster from the client namespace."""
+        return self.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", self.etcd.endpoint,
+                                   "--prefix", self.prefix, *args], timeout=timeout)
+
     def status(self) -> dict:
         """`etcdha status --json`, run from the client namespace."""
-        res = self.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", self.etcd.endpoint,
-                                  "--prefix", self.prefix, "status", "--json"])
+        res = self.cli("status", "--json")
         if res.returncode:
             raise RuntimeError(f"etcdha status failed: {res.stderr.strip()}")
         return json.loads(res.stdout)
@@ -416,14 +434,18 @@ class Probe:
 
 
 class Sampler:
-    """Samples every node's VIP and service processes continuously; records any double copy."""
+    """Samples every node's VIPs and service processes continuously; records any double copy.
 
-    def __init__(self, lab: Lab, interval: float = 0.02):
+    `services` maps service name -> its VIP (or None); a service's processes are found by
+    the `--name=SERVICE` marker on the sample service's command line.
+    """
+
+    def __init__(self, lab: Lab, interval: float = 0.02, services: Optional[dict[str, Optional[str]]] = None):
         self.lab = lab
         self.interval = interval
+        self.services = services or {"web": VIP}
         self.samples = 0
         self.violations: list[str] = []
-        self.holding: dict[str, tuple[bool, bool]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -435,27 +457,37 @@ class Sampler:
         self._stop.set()
         self._thread.join(10)
 
-    def sample(self) -> dict[str, tuple[bool, bool]]:
-        """node -> (VIP present, service process running)."""
-        programs = self.lab.programs()
-        return {n: (self.lab.vip_on(n), bool(programs[n])) for n in self.lab.node_names}
+    def sample(self, service: str = "web") -> dict[str, tuple[bool, bool]]:
+        """node -> (VIP present, service process running) for one service."""
+        return self.sample_all()[service]
+
+    def sample_all(self) -> dict[str, dict[str, tuple[bool, bool]]]:
+        inodes = self.lab.netns_inodes()
+        found: dict[str, dict[str, tuple[bool, bool]]] = {}
+        for svc, vip in self.services.items():
+            programs = self.lab.programs(f"--name={svc}\0", inodes)
+            found[svc] = {n: (bool(vip) and self.lab.vip_on(n, vip), bool(programs[n])) for n in self.lab.node_names}
+        return found
 
     def _run(self) -> None:
         deadline = time.monotonic() + 1800  # bounded even if a test forgets to stop us
         while not self._stop.is_set() and time.monotonic() < deadline:
-            state = self.sample()
-            self.holding = state
+            for svc, state in self.sample_all().items():
+                vips = [n for n, (v, _) in state.items() if v]
+                procs = [n for n, (_, p) in state.items() if p]
+                if len(vips) > 1 or len(procs) > 1:
+                    self.violations.append(f"t={time.monotonic():.3f} {svc}: VIP on {vips}, running on {procs}")
             self.samples += 1
-            vips = [n for n, (v, _) in state.items() if v]
-            procs = [n for n, (_, p) in state.items() if p]
-            if len(vips) > 1 or len(procs) > 1:
-                self.violations.append(f"t={time.monotonic():.3f} VIP on {vips}, service running on {procs}")
             self._stop.wait(self.interval)
 
-    def holder(self) -> Optional[str]:
-        """The single node that has both the VIP and the service, if exactly one does."""
-        full = [n for n, (v, p) in self.sample().items() if v and p]
+    def holder(self, service: str = "web") -> Optional[str]:
+        """The single node that runs `service` (with its VIP, if it has one), if exactly one does."""
+        needs_vip = bool(self.services.get(service))
+        full = [n for n, (v, p) in self.sample(service).items() if p and (v or not needs_vip)]
         return full[0] if len(full) == 1 else None
 
+    def holders(self) -> dict[str, Optional[str]]:
+        return {svc: self.holder(svc) for svc in self.services}
+
     def nobody(self) -> bool:
-        return not any(v or p for v, p in self.sample().values())
+        return not any(v or p for state in self.sample_all().values() for v, p in state.values())

@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=os.environ.get("ETCDHA_VIP", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--name", default="", help="the service's name (tests find its processes by it)")
     args = parser.parse_args()
     ThreadingHTTPServer.allow_reuse_address = True
     ThreadingHTTPServer((args.bind, args.port), Handler).serve_forever()

@@ -20,19 +20,20 @@ LEASES = {"a": 0xA1, "b": MY_LEASE, "c": 0xC1, "d": 0xD1}
 def view(alive: Iterable[str] = ("a", "b", "c"),
          candidates: Optional[Mapping[str, Mapping[str, int]]] = None,
          owners: Optional[Mapping[str, Owner]] = None,
-         revision: int = 10) -> ClusterView:
+         revision: int = 10, **extra) -> ClusterView:
     """A view where `alive` nodes have node keys and `candidates` is service -> {node: priority}."""
     cands = {svc: {n: Candidate(node=n, priority=p) for n, p in by_node.items()}
              for svc, by_node in (candidates or {}).items()}
     return ClusterView(revision=revision,
                        nodes={n: NodeInfo(node=n, lease=LEASES.get(n, 0x99)) for n in alive},
                        candidates=cands, owners=dict(owners or {}),
-                       members=frozenset(alive))
+                       members=frozenset(alive), **extra)
 
 
 def facts(**kw) -> Facts:
     base = dict(me=ME, lease=MY_LEASE, lease_state=LeaseState.OK, now=100.0, priorities={"web": 100})
     base.update(kw)
+    base.setdefault("wall_now", base["now"])  # tests use one clock for both
     return Facts(**base)
 
 
@@ -258,28 +259,28 @@ def test_vacant_but_my_program_still_running_stops_and_claims():
 # ---- cooldown and enrolment ----------------------------------------------------------------
 
 def test_cooldown_withdraws_when_enrolled_and_does_not_claim():
-    v = view(candidates={"web": {"b": 100}})
-    p = decide.plan(v, facts(now=100.0, cooldown_until={"web": 130.0}, vacant_since={"web": 0.0}))
+    v = view(candidates={"web": {"b": 100}}, cooldowns={("web", ME): 130.0})
+    p = decide.plan(v, facts(now=100.0, vacant_since={"web": 0.0}))
     assert kinds(p) == [(Kind.WITHDRAW, "web", Reason.COOLDOWN)]
     assert p.wake_in == pytest.approx(30.0)
 
 
 def test_cooldown_not_enrolled_does_nothing_and_wakes_when_it_ends():
-    v = view(candidates={"web": {"a": 100}})
-    p = decide.plan(v, facts(now=100.0, cooldown_until={"web": 105.5}, vacant_since={"web": 0.0}))
+    v = view(candidates={"web": {"a": 100}}, cooldowns={("web", ME): 105.5})
+    p = decide.plan(v, facts(now=100.0, vacant_since={"web": 0.0}))
     assert p.actions == ()
     assert p.wake_in == pytest.approx(5.5)
 
 
 def test_after_cooldown_enrolls_again():
-    v = view(candidates={"web": {"a": 100}})
-    p = decide.plan(v, facts(now=131.0, cooldown_until={"web": 130.0}, vacant_since={"web": 0.0}))
+    v = view(candidates={"web": {"a": 100}}, cooldowns={("web", ME): 130.0})
+    p = decide.plan(v, facts(now=131.0, vacant_since={"web": 0.0}))
     assert kinds(p) == [(Kind.ENROLL, "web", Reason.CANDIDATE)]
 
 
 def test_cooldown_ends_exactly_at_its_time():
-    v = view(candidates={"web": {"a": 100}})
-    p = decide.plan(v, facts(now=130.0, cooldown_until={"web": 130.0}))
+    v = view(candidates={"web": {"a": 100}}, cooldowns={("web", ME): 130.0})
+    p = decide.plan(v, facts(now=130.0))
     assert kinds(p) == [(Kind.ENROLL, "web", Reason.CANDIDATE)]
 
 

@@ -46,6 +46,9 @@ def test_status_owned_service():
         "since": "2023-11-14T22:13:25Z",
         "fencing_token": 57,
         "candidates": ["a", "b"],  # c is dead: not a live candidate
+        "paused": False,
+        "moving_to": None,
+        "cooling_down": [],
     }
 
 
@@ -61,9 +64,10 @@ def test_status_vacant_services():
 def test_status_nodes_alive_and_dead():
     nodes = report.status(cluster())["nodes"]
     assert nodes["a"] == {"alive": True, "pid": 4242, "started": "2023-11-14T22:13:20Z", "lease": "a1",
-                          "owns": ["web"]}
+                          "owns": ["web"], "drained": False, "lease_ttl_left": None}
     assert nodes["b"]["alive"] is True and nodes["b"]["owns"] == []
-    assert nodes["c"] == {"alive": False, "pid": None, "started": None, "lease": None, "owns": []}
+    assert nodes["c"] == {"alive": False, "pid": None, "started": None, "lease": None, "owns": [],
+                          "drained": False, "lease_ttl_left": None}
 
 
 def test_owner_on_dead_node_state_unknown():
@@ -96,14 +100,14 @@ def test_empty_view():
 def test_table_contains_rows():
     text = report.table(report.status(cluster()))
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES"]
+    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"]
     rows = {line.split()[0]: line.split() for line in lines if line}
-    assert rows["web"] == ["web", "a", "RUNNING", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b"]
-    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "b"]
-    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-"]
-    assert rows["NODE"] == ["NODE", "ALIVE", "OWNS", "STARTED"]
-    assert rows["a"] == ["a", "yes", "web", "2023-11-14T22:13:20Z"]
-    assert rows["c"] == ["c", "NO", "-", "-"]
+    assert rows["web"] == ["web", "a", "RUNNING", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b", "-"]
+    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "b", "-"]
+    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-"]
+    assert rows["NODE"] == ["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"]
+    assert rows["a"] == ["a", "yes", "-", "-", "web", "2023-11-14T22:13:20Z"]
+    assert rows["c"] == ["c", "NO", "-", "-", "-", "-"]
     assert "problem: /etcdha/nodes/z: value is not JSON: b'x'" in lines
 
 
@@ -119,3 +123,21 @@ def test_status_survives_absurd_timestamps():
                     nodes={"a": NodeInfo(node="a", lease=1, started=1e300)}, members=frozenset({"a"}))
     doc = report.status(v)
     assert doc["services"]["web"]["owner"] == "a"
+
+
+def test_status_shows_intents_and_lease_time_left():
+    from etcdha.model import Mark, Move
+    base = cluster()
+    v = ClusterView(revision=base.revision, nodes=base.nodes, candidates=base.candidates, owners=base.owners,
+                    members=base.members, services=base.services,
+                    moves={"web": Move(service="web", to="b", source="a", token=57)},
+                    drained={"b": Mark()}, paused={"db": Mark()},
+                    cooldowns={("db", "b"): 2000.0, ("db", "a"): 500.0})
+    doc = report.status(v, ttl_left={0xA1: 2}, now=1000.0)
+    assert doc["services"]["web"]["moving_to"] == "b"
+    assert doc["services"]["db"]["paused"] is True and doc["services"]["web"]["paused"] is False
+    assert doc["services"]["db"]["cooling_down"] == ["b"]  # a's cooldown has passed
+    assert doc["nodes"]["b"]["drained"] is True and doc["nodes"]["a"]["drained"] is False
+    assert doc["nodes"]["a"]["lease_ttl_left"] == 2
+    text = report.table(doc)
+    assert "moving to b" in text and "PAUSED" in text and "DRAINED" in text
