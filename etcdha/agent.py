@@ -126,6 +126,7 @@ class Agent:
                 if self.lease is not None:
                     self.lease.stop()
                 log.warning("cannot join yet: %s", exc)
+                sd_notify("WATCHDOG=1\nSTATUS=waiting for etcd")  # alive, just waiting: no restart loop
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
         return False

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import click
 
 from etcdha import __version__, config as config_mod, model, report
-from etcdha.errors import ConfigError, StoreError
+from etcdha.errors import ConfigError, EtcdhaError, StoreError
 from etcdha.store import Store
 
 
@@ -110,7 +110,7 @@ def agent(settings: Settings, agent_config: Optional[str]) -> None:
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     try:
         code = Agent(cfg).run()
-    except ConfigError as exc:
+    except EtcdhaError as exc:  # e.g. supervisord cannot start, unreadable TLS files
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 

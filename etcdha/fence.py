@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from etcdha.errors import ActuatorError
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -217,7 +219,7 @@ class FenceClient:
         line = self.proc.stdout.readline().decode().split() if ready else []
         if line[:1] != ["ready"]:
             self.proc.kill()
-            raise RuntimeError(f"the fence did not start within {timeout:g}s (said {line!r})")
+            raise ActuatorError(f"the fence did not start within {timeout:g}s (said {line!r})")
         threading.Thread(target=self._read, name="etcdha-fence-out", daemon=True).start()
         return int(line[1])
 
