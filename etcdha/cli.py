@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import click
 
-from etcdha import __version__, config as config_mod, model, report
+from etcdha import __version__, config as config_mod, decide, model, report
 from etcdha.errors import ConfigError, EtcdhaError, StoreError
 from etcdha.store import Store
 
@@ -241,32 +241,10 @@ def move(settings: Settings, service: str, target: Optional[str], wait: bool, mo
     with connected(settings) as store:
         view = store.snapshot()
         known_service(view, service)
-        owner = view.owners.get(service)
-        if owner is None:
-            raise click.ClickException(f"{service} has no owner: nothing to move (see etcdha status)")
-        if view.is_paused(service):
-            raise click.ClickException(f"{service} is paused: agents do not move it (etcdha resume {service})")
-        if service in view.moves:
-            raise click.ClickException(f"a move of {service} to {view.moves[service].to} is already pending")
-        now = time.time()
-        ok_targets = [c.node for c in view.eligible(service)
-                      if c.node != owner.node and view.cooldowns.get((service, c.node), 0) <= now]
-        if target is None:
-            if not ok_targets:
-                raise click.ClickException(f"no other live, undrained candidate can take {service}")
-            target = ok_targets[0]
-        elif target == owner.node:
-            raise click.ClickException(f"{service} already runs on {target}")
-        elif target not in view.nodes:
-            raise click.ClickException(f"{target} is not alive (no agent holds a lease there)")
-        elif target not in view.candidates.get(service, {}):
-            raise click.ClickException(f"{target} is not a candidate for {service} (not in its config, or "
-                                       f"cooling down after a failure: etcdha cleanup {service})")
-        elif target in view.drained:
-            raise click.ClickException(f"{target} is drained (etcdha undrain {target} first)")
-        elif target not in ok_targets:
-            raise click.ClickException(f"{target} is cooling down after {service} failed there "
-                                       f"(etcdha cleanup {service} --node {target})")
+        target, refusal = decide.move_target(view, service, target, time.time())
+        if refusal:
+            raise click.ClickException(refusal)
+        owner = view.owners[service]
         if not store.request_move(service, owner.node, target, owner.token, move_timeout):
             raise click.ClickException(f"the owner of {service} changed meanwhile; look again with etcdha status")
         click.echo(f"moving {service} from {owner.node} to {target}")

@@ -177,3 +177,37 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         else:
             wakes.append(due - f.now)
     return Plan(tuple(actions), min(wakes) if wakes else None)
+
+
+def move_target(view: ClusterView, service: str, requested: Optional[str],
+                wall_now: float) -> tuple[Optional[str], Optional[str]]:
+    """Where a planned move of `service` should go: (target, None), or (None, why it is refused).
+
+    Without `requested`, the best live, undrained candidate that is not cooling down.
+    """
+    owner = view.owners.get(service)
+    if owner is None:
+        return None, f"{service} has no owner: nothing to move (see etcdha status)"
+    if view.is_paused(service):
+        return None, f"{service} is paused: agents do not move it (etcdha resume {service})"
+    if service in view.moves:
+        return None, f"a move of {service} to {view.moves[service].to} is already pending"
+    fine = [c.node for c in view.eligible(service)
+            if c.node != owner.node and view.cooldowns.get((service, c.node), 0) <= wall_now]
+    if requested is None:
+        if not fine:
+            return None, f"no other live, undrained candidate can take {service}"
+        return fine[0], None
+    if requested == owner.node:
+        return None, f"{service} already runs on {requested}"
+    if requested not in view.nodes:
+        return None, f"{requested} is not alive (no agent holds a lease there)"
+    if requested not in view.candidates.get(service, {}):
+        return None, (f"{requested} is not a candidate for {service} (not in its config, or cooling down "
+                      f"after a failure: etcdha cleanup {service})")
+    if requested in view.drained:
+        return None, f"{requested} is drained (etcdha undrain {requested} first)"
+    if requested not in fine:
+        return None, (f"{requested} is cooling down after {service} failed there "
+                      f"(etcdha cleanup {service} --node {requested})")
+    return requested, None

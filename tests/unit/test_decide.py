@@ -354,3 +354,39 @@ def test_track_vacancy_feeds_plan_rank_delay():
     since = decide.track_vacancy(since, v, {"web": 100}, now=20.5)
     assert kinds(decide.plan(v, facts(now=20.5, vacant_since=since, claim_delay=0.5))) == [
         (Kind.CLAIM, "web", Reason.VACANT)]
+
+
+# ---- move_target: where a planned move goes, or why it is refused ---------------------------
+
+def _move_view(**extra) -> ClusterView:
+    return view(candidates={"web": {"a": 100, "b": 90, "c": 80}},
+                owners={"web": Owner(node="a", lease=LEASES["a"], token=7)}, **extra)
+
+
+def test_move_target_defaults_to_the_best_other_candidate():
+    assert decide.move_target(_move_view(), "web", None, 0.0) == ("b", None)
+
+
+def test_move_target_skips_drained_and_cooling_nodes():
+    from etcdha.model import Mark
+    v = _move_view(drained={"b": Mark()}, cooldowns={("web", "c"): 50.0})
+    target, why = decide.move_target(v, "web", None, 10.0)
+    assert target is None and "no other live, undrained candidate" in why
+    assert decide.move_target(v, "web", None, 60.0) == ("c", None)  # c's cooldown is over
+
+
+@pytest.mark.parametrize("requested,words", [
+    ("a", "already runs on a"),
+    ("d", "d is not alive"),
+])
+def test_move_target_refuses_with_a_reason(requested, words):
+    target, why = decide.move_target(_move_view(), "web", requested, 0.0)
+    assert target is None and words in why
+
+
+def test_move_target_refuses_vacant_paused_or_pending():
+    from etcdha.model import ALL_SERVICES, Mark, Move
+    assert "has no owner" in decide.move_target(view(candidates={"web": {"a": 1}}), "web", None, 0.0)[1]
+    assert "is paused" in decide.move_target(_move_view(paused={ALL_SERVICES: Mark()}), "web", None, 0.0)[1]
+    pending = _move_view(moves={"web": Move(service="web", to="c", source="a", token=7)})
+    assert "already pending" in decide.move_target(pending, "web", "b", 0.0)[1]
