@@ -356,14 +356,18 @@ def resume(settings: Settings, service: Optional[str]) -> None:
       etcdha resume
     """
     with connected(settings) as store:
-        names = [service] if service else sorted(store.snapshot().paused)
+        paused = store.snapshot().paused
+        if service and service not in paused and model.ALL_SERVICES in paused:
+            raise click.ClickException(f"{service} is paused because every service is; "
+                                       "`etcdha resume` (without SERVICE) lifts that")
+        names = [service] if service else sorted(paused)
         gone = [n for n in names if store.delete(model.pause_key(store.prefix, n))]
         click.echo(f"resumed {', '.join('every service' if n == model.ALL_SERVICES else n for n in gone)}"
                    if gone else "nothing was paused")
 
 
 @main.command()
-@click.option("--raw", is_flag=True, help="Exactly what `etcdctl get --prefix PREFIX` prints.")
+@click.option("--raw", is_flag=True, help="Exactly what `etcdctl get --prefix PREFIX/` prints.")
 @click.pass_obj
 def keys(settings: Settings, raw: bool) -> None:
     """Show every key under the prefix, decoded, with its lease and the TTL left.
@@ -371,7 +375,7 @@ def keys(settings: Settings, raw: bool) -> None:
     \b
     Examples:
       etcdha keys
-      etcdha keys --raw | diff - <(etcdctl get --prefix /etcdha)
+      etcdha keys --raw | diff - <(etcdctl get --prefix /etcdha/)
     """
     with connected(settings) as store:
         _, kvs = store.list()

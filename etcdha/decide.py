@@ -101,9 +101,10 @@ def claim_rank(view: ClusterView, service: str, me: str) -> Optional[int]:
     return None
 
 
-def _next_home(view: ClusterView, service: str, me: str) -> Optional[str]:
-    """The best live, undrained candidate other than us: where a drained node sends `service`."""
-    return next((c.node for c in view.eligible(service) if c.node != me), None)
+def _next_home(view: ClusterView, service: str, me: str, wall_now: float) -> Optional[str]:
+    """The best live, undrained, not cooling candidate other than us: where a drained node sends `service`."""
+    return next((c.node for c in view.eligible(service)
+                 if c.node != me and view.cooldowns.get((service, c.node), 0.0) <= wall_now), None)
 
 
 def plan(view: Optional[ClusterView], f: Facts) -> Plan:
@@ -148,10 +149,11 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
             elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
                 actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
                                       token=owner.token, target=move.to))
-            elif drained and healthy and move is None and not moving_away and _next_home(view, svc, f.me):
+            elif drained and healthy and move is None and not moving_away and _next_home(view, svc, f.me,
+                                                                                         f.wall_now):
                 # one service at a time; a service nobody else can run stays (and keeps running) here
                 actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token,
-                                      target=_next_home(view, svc, f.me)))
+                                      target=_next_home(view, svc, f.me, f.wall_now)))
                 moving_away = True
             elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
                                                           and program != "STOPPING")):

@@ -290,7 +290,7 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
             data = _json(kv, problems)
             to, source = (_str(data.get("to")), _str(data.get("from"))) if data else (None, None)
             token = data.get("token") if data else None
-            if to is None or source is None or not isinstance(token, int):
+            if to is None or source is None or not isinstance(token, int) or isinstance(token, bool):
                 problems.append(f"{kv.key}: expected {{to, from, token}}; ignoring this move request")
                 continue
             moves[rest[0]] = Move(service=rest[0], to=to, source=source, token=token, lease=kv.lease,

@@ -3,7 +3,8 @@
 
 Brings up etcd and three agents that share one service (an HTTP server on VIP
 198.18.0.100), shows `etcdha status`, kills the owner's agent with SIGKILL and
-shows who answers on the VIP over time, then stops the next owner gracefully.
+shows who answers on the VIP over time, moves the service by hand (`etcdha
+move`), then stops the owner's agent gracefully.
 Everything is removed at the end (or on Ctrl-C). `--keep` leaves the cluster
 running until Ctrl-C so you can poke at it.
 """
@@ -46,9 +47,21 @@ def failover(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig: int, l
     show_status(cluster)
 
 
+def planned_move(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe) -> None:
+    owner = sampler.holder()
+    say(f"planned move: etcdha move web (from {owner} to the best other live candidate)")
+    t0 = time.monotonic()
+    res = cluster.cli("move", "web")
+    print("   " + (res.stdout + res.stderr).strip().replace("\n", "\n   "))
+    L.wait_until(lambda: probe.first_answer_after(t0, exclude=owner), 20, "the target to answer")
+    time.sleep(0.5)
+    print(timeline(probe, t0 - 0.2, time.monotonic()))
+    res = cluster.cli("history", "web")
+    print("   etcdha history web:\n   " + res.stdout.strip().replace("\n", "\n   "))
+
+
 def show_status(cluster: L.Cluster) -> None:
-    res = cluster.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", cluster.etcd.endpoint,
-                                 "--prefix", cluster.prefix, "status"])
+    res = cluster.cli("status")
     print("   " + (res.stdout or res.stderr).strip().replace("\n", "\n   "))
 
 
@@ -73,7 +86,8 @@ def main() -> int:
                 print(f"   {L.VIP}:{L.PORT} answers from {probe.last()}")
                 show_status(cluster)
                 failover(cluster, sampler, probe, signal.SIGKILL, "crash")
-                failover(cluster, sampler, probe, signal.SIGTERM, "planned stop")
+                planned_move(cluster, sampler, probe)
+                failover(cluster, sampler, probe, signal.SIGTERM, "agent stopped")
                 say(f"invariant: {sampler.samples} samples of every node's VIP and processes, "
                     f"{len(sampler.violations)} with two copies")
                 for v in sampler.violations:

@@ -136,7 +136,7 @@ def test_keys_agree_with_etcdctl_and_cleanup_clears_a_cooldown(lab, make_cluster
     cluster = make_cluster({"failure_cooldown": 600}, per_node={"n1": {"services": broken}})
     settle(sampler, probe, "n2")
     wait_until(lambda: cluster.status()["services"]["web"]["cooling_down"] == ["n1"], 10, "n1's cooldown to show")
-    assert ok(cluster.cli("keys", "--raw")) == lab.etcd.etcdctl("get", "--prefix", cluster.prefix)
+    assert ok(cluster.cli("keys", "--raw")) == lab.etcd.etcdctl("get", "--prefix", cluster.prefix + "/")
     decoded = ok(cluster.cli("keys"))
     assert f"{cluster.prefix}/owners/web" in decoded and "s left)" in decoded
     assert [e.split()[3] for e in ok(cluster.cli("history", "web")).splitlines()[1:]][:3] == \
@@ -154,3 +154,19 @@ def test_cli_against_unreachable_etcd_fails_fast(lab):
     took = time.monotonic() - started
     refused(res, "198.18.0.9:2379")
     assert took < 10, f"took {took:.1f}s"
+
+
+def test_move_to_a_target_that_hangs_expires_and_normal_election_resumes(make_cluster, sampler, probe):
+    cluster = make_cluster()
+    settle(sampler, probe, "n1")
+    cluster.nodes["n3"].signal(signal.SIGSTOP)  # alive in etcd for up to its TTL, but it will never claim
+    try:
+        started = time.monotonic()
+        refused(cluster.cli("move", "web", "--to", "n3", "--timeout", "3"), "n3 did not take web within 3s")
+        assert time.monotonic() - started < 15
+        # the request expired by itself; the preferred live node (n1, not drained) took web back
+        wait_until(lambda: sampler.holder() == "n1", 15, "normal election to give web to n1 again")
+        assert "/moves/" not in ok(cluster.cli("keys", "--raw"))
+    finally:
+        cluster.nodes["n3"].signal(signal.SIGCONT)
+    assert sampler.violations == []
