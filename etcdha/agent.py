@@ -7,6 +7,7 @@ never delays renewal, and a hung agent (all threads stopped) is fenced.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -105,18 +106,29 @@ class Agent:
             self.fence.feed(deadline)
 
     def join(self) -> bool:
-        """Grant our lease and register; retry until etcd answers. False if asked to stop meanwhile."""
+        """Grant our lease and register; retry until etcd answers. False if asked to stop meanwhile.
+
+        If another lease holds our node key we wait for it to expire (our own previous
+        incarnation after a crash); if it is still renewed after 2 TTLs, another agent
+        uses our name and we refuse to run (ConfigError).
+        """
         backoff = 0.2
+        first_seen: list[float] = []
         while not self.stopping.is_set():
             try:
                 self.lease = Lease(self.store, self.config.lease_ttl, self.config.keepalive_interval,
                                    on_renew=self.feed_fence, on_change=lambda _s: self.wake.set(),
                                    clock=self.clock)
                 lease_id = self.lease.grant()
-                self.store.register(self.config.node, lease_id, self.node_value({}), {
+                held = self.store.register(self.config.node, lease_id, self.node_value({}), {
                     s.name: self.candidate_value(s) for s in self.config.services.values()}, {
                     s.name: model.encode_service(str(s.vip) if s.vip else None)
                     for s in self.config.services.values()})
+                if held is not None:
+                    self.lease.revoke()
+                    self.name_taken(held, first_seen)
+                    self.stopping.wait(0.5)
+                    continue
                 self.published = {}
                 self.claims_from = self.clock() + self.config.startup_grace
                 log.info("joined as %s with lease %x; claiming from %gs on", self.config.node, lease_id,
@@ -130,6 +142,21 @@ class Agent:
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
         return False
+
+    def name_taken(self, held: model.KV, first_seen: list[float]) -> None:
+        """Our node key belongs to another lease: wait for a stale one, refuse a live duplicate."""
+        if not first_seen:
+            first_seen.append(self.clock())
+            log.warning("node key %s is held by lease %x: waiting for it to expire (our previous run?)",
+                        held.key, held.lease)
+        elif self.clock() - first_seen[0] > 2 * self.config.lease_ttl + 1:
+            try:
+                pid = json.loads(held.value.decode()).get("pid", "?")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                pid = "?"
+            raise ConfigError(f"{self.config.source}: node: another agent is running as {self.config.node!r} "
+                              f"(pid {pid}, lease {held.lease:x}); every agent needs its own node name")
+        sd_notify("WATCHDOG=1\nSTATUS=waiting for the node name to be free")
 
     def recover(self, why: str) -> None:
         """LOST: make sure nothing runs here, then start again with a new lease."""

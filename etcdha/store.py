@@ -227,14 +227,25 @@ class Store:
 
     @_translate
     def register(self, node: str, lease: int, node_value: bytes, candidates: Mapping[str, bytes],
-                 services: Mapping[str, bytes]) -> None:
-        """Atomically: node key and candidate keys on `lease`; member and service keys without lease."""
+                 services: Mapping[str, bytes]) -> Optional[model.KV]:
+        """Atomically: node key and candidate keys on `lease`; member and service keys without lease.
+
+        Only if no other lease holds the node key: returns None on success, else that node
+        key (another agent with our name, or our own previous incarnation's not yet expired).
+        """
+        key = model.node_key(self.prefix, node)
+        free = [etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                                create_revision=0)]
         ops = [self._put(model.node_key(self.prefix, node), node_value, lease),
                self._put(model.member_key(self.prefix, node), node_value)]
         ops += [self._put(model.service_key(self.prefix, svc), value) for svc, value in services.items()]
         ops += [self._put(model.candidate_key(self.prefix, svc, node), value, lease)
                 for svc, value in candidates.items()]
-        self._txn([], ops)
+        resp = self._txn(free, ops, [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key.encode()))])
+        if resp.succeeded:
+            return None
+        held = self._kvs(resp.responses[0].response_range.kvs)
+        return held[0] if held else None
 
     @_translate
     def claim(self, service: str, node: str, lease: int, since: float, complete_move: bool = False) -> Optional[int]:
