@@ -180,6 +180,27 @@ def known_node(view: model.ClusterView, node: str) -> None:
         raise click.BadParameter(f"unknown node {node!r} (known: {known})", param_hint="NODE")
 
 
+def _complete(kind: str) -> Callable:
+    """Shell completion of service or node names, read from etcd (silent and quick on any error)."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        root = ctx.find_root().params
+        try:
+            settings = Settings(root.get("config_path"), root.get("endpoints"), root.get("prefix"), 1.0)
+            store = Store(settings.etcd())
+            try:
+                view = store.snapshot()
+            finally:
+                store.close()
+        except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
+            return []
+        names = view.services if kind == "service" else view.members
+        return sorted(n for n in names if n.startswith(incomplete))
+    return complete
+
+
+complete_service, complete_node = _complete("service"), _complete("node")
+
+
 def who() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -221,8 +242,9 @@ def status(settings: Settings, as_json: bool, watch: bool) -> None:
 
 
 @main.command()
-@click.argument("service")
-@click.option("--to", "target", metavar="NODE", help="Target node (default: the best other live candidate).")
+@click.argument("service", shell_complete=complete_service)
+@click.option("--to", "target", metavar="NODE", shell_complete=complete_node,
+              help="Target node (default: the best other live candidate).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the target owns it.")
 @click.option("--timeout", "move_timeout", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Seconds for the target to take over; after that normal election resumes.")
@@ -262,7 +284,7 @@ def move(settings: Settings, service: str, target: Optional[str], wait: bool, mo
 
 
 @main.command()
-@click.argument("node")
+@click.argument("node", shell_complete=complete_node)
 @click.option("--wait", is_flag=True, help="Show progress and return when NODE owns nothing.")
 @click.option("--timeout", "drain_timeout", type=click.FloatRange(1, 86400), default=300, show_default=True,
               help="With --wait: give up after this many seconds (the node stays drained).")
@@ -308,7 +330,7 @@ def drain(settings: Settings, node: str, wait: bool, drain_timeout: float) -> No
 
 
 @main.command()
-@click.argument("node")
+@click.argument("node", shell_complete=complete_node)
 @click.pass_obj
 def undrain(settings: Settings, node: str) -> None:
     """Let NODE take services again (services do not move back by themselves).
@@ -323,7 +345,7 @@ def undrain(settings: Settings, node: str) -> None:
 
 
 @main.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=complete_service)
 @click.pass_obj
 def pause(settings: Settings, service: Optional[str]) -> None:
     """Maintenance: agents neither start, stop nor move SERVICE (or every service).
@@ -345,7 +367,7 @@ def pause(settings: Settings, service: Optional[str]) -> None:
 
 
 @main.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=complete_service)
 @click.pass_obj
 def resume(settings: Settings, service: Optional[str]) -> None:
     """End maintenance for SERVICE, or (without SERVICE) every pause mark.
@@ -401,7 +423,7 @@ def keys(settings: Settings, raw: bool) -> None:
 
 
 @main.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=complete_service)
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True, help="Newest N entries.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
@@ -424,8 +446,8 @@ def history(settings: Settings, service: Optional[str], limit: int, as_json: boo
 
 
 @main.command()
-@click.argument("service")
-@click.option("--node", help="Only this node's cooldown (default: every node's).")
+@click.argument("service", shell_complete=complete_service)
+@click.option("--node", shell_complete=complete_node, help="Only this node's cooldown (default: every node's).")
 @click.pass_obj
 def cleanup(settings: Settings, service: str, node: Optional[str]) -> None:
     """Clear the failure cooldown of SERVICE so nodes where it failed may run it again.

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,4 +51,27 @@ def test_status_watch_redraws_on_change(etcd_server, store):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        store.revoke(lease)
+
+
+def test_shell_completion_offers_service_and_node_names_from_etcd(etcd_server, store):
+    lease, _ = store.grant(30)
+    store.register("node-a", lease, model.encode_node("node-a", lease, 1, time.time(), {}),
+                   {"web": model.encode_candidate(100), "worker": model.encode_candidate(100)},
+                   {"web": model.encode_service(None), "worker": model.encode_service(None)})
+
+    def complete(words: str) -> list[str]:
+        line = f"etcdha --endpoints {etcd_server.endpoint} --prefix {store.prefix} {words}"
+        env = {**os.environ, "COMP_WORDS": line, "COMP_CWORD": str(len(line.split()) - (0 if line.endswith(" ")
+                                                                                           else 1)),
+               "_ETCDHA_COMPLETE": "bash_complete"}
+        script = str(Path(sys.executable).with_name("etcdha"))  # the console script, as a shell runs it
+        out = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
+        return [item.split(",", 1)[1] for item in out.stdout.split() if item.startswith("plain,")]
+
+    try:
+        assert complete("move w") == ["web", "worker"]
+        assert complete("move web --to n") == ["node-a"]
+        assert complete("drain ") == ["node-a"]
+    finally:
         store.revoke(lease)
