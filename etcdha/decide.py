@@ -144,16 +144,16 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
 
         if is_mine(owner, f):
             assert owner is not None
+            # a drained node moves one service at a time; one nobody else can run stays (and runs) here
+            home = (_next_home(view, svc, f.me, f.wall_now)
+                    if drained and healthy and move is None and not moving_away else None)
             if program == "FATAL":
                 actions.append(Action(Kind.RELEASE, svc, Reason.FAILED, token=owner.token))
             elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
                 actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
                                       token=owner.token, target=move.to))
-            elif drained and healthy and move is None and not moving_away and _next_home(view, svc, f.me,
-                                                                                         f.wall_now):
-                # one service at a time; a service nobody else can run stays (and keeps running) here
-                actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token,
-                                      target=_next_home(view, svc, f.me, f.wall_now)))
+            elif home is not None:
+                actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token, target=home))
                 moving_away = True
             elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
                                                           and program != "STOPPING")):
