@@ -60,6 +60,7 @@ class Agent:
         self.published: Optional[dict[str, str]] = None
         self.known_pids: dict[str, int] = {}
         self.etcd_ok = True
+        self.problems: set[str] = set()  # garbage keys already reported
         self.started = time.time()
         self._next_wait = 0.0
         self.claims_from = 0.0
@@ -268,8 +269,9 @@ class Agent:
         if not self.etcd_ok:
             log.info("etcd reachable again at revision %d", view.revision)
         self.etcd_ok = True
-        for problem in view.problems:
+        for problem in set(view.problems) - self.problems:  # once each, not every cycle
             log.warning("bad key in etcd: %s", problem)
+        self.problems = set(view.problems)
         return view
 
     def priorities(self) -> dict[str, int]:
