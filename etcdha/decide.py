@@ -89,8 +89,13 @@ def is_mine(owner: Optional[Owner], f: Facts) -> bool:
 
 def track_vacancy(previous: Mapping[str, float], view: ClusterView, services: Mapping[str, int],
                   now: float) -> dict[str, float]:
-    """When each of our services was first seen without an owner (absent = owned)."""
-    return {s: previous.get(s, now) for s in services if s not in view.owners}
+    """When each of our services was first seen claimable: no owner, no pending move, not paused.
+
+    Rank delays count from then, so when a move request expires or a pause ends the
+    preferred node still claims first instead of everyone at once.
+    """
+    return {s: previous.get(s, now) for s in services
+            if s not in view.owners and s not in view.moves and not view.is_paused(s)}
 
 
 def claim_rank(view: ClusterView, service: str, me: str) -> Optional[int]:

@@ -390,3 +390,14 @@ def test_move_target_refuses_vacant_paused_or_pending():
     assert "is paused" in decide.move_target(_move_view(paused={ALL_SERVICES: Mark()}), "web", None, 0.0)[1]
     pending = _move_view(moves={"web": Move(service="web", to="c", source="a", token=7)})
     assert "already pending" in decide.move_target(pending, "web", "b", 0.0)[1]
+
+
+def test_vacancy_counts_from_when_the_service_became_claimable():
+    from etcdha.model import ALL_SERVICES, Mark, Move
+    moving = view(candidates={"web": {"a": 1}}, moves={"web": Move(service="web", to="c", source="a", token=3)})
+    assert decide.track_vacancy({"web": 5.0}, moving, {"web": 1}, 50.0) == {}
+    paused = view(candidates={"web": {"a": 1}}, paused={ALL_SERVICES: Mark()})
+    assert decide.track_vacancy({"web": 5.0}, paused, {"web": 1}, 50.0) == {}
+    # the move request expired at 60: ranks count from then, not from when the owner let go
+    free = view(candidates={"web": {"a": 1}})
+    assert decide.track_vacancy({}, free, {"web": 1}, 60.0) == {"web": 60.0}
