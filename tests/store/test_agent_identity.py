@@ -22,6 +22,18 @@ def owner_of(store, service: str):
     return owner.node if owner else None
 
 
+def stop(*procs) -> None:
+    """SIGTERM (graceful: the agent stops its programs), then SIGKILL; by our own handles."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 def agent(tmp_path, endpoint, prefix, run: str) -> subprocess.Popen:
     config = tmp_path / f"{run}.yaml"
     config.write_text(yaml.safe_dump({
@@ -47,14 +59,7 @@ def test_a_second_agent_with_the_same_node_name_refuses(etcd_server, store, tmp_
         assert first.poll() is None
         assert store.snapshot().owners["sleeper"].token == token, "the first agent kept its service"
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        stop(first, second)
 
 
 def test_a_restart_after_a_crash_waits_for_its_old_lease_and_joins(etcd_server, store, tmp_path):
@@ -71,12 +76,5 @@ def test_a_restart_after_a_crash_waits_for_its_old_lease_and_joins(etcd_server, 
                  20, what="the restarted agent to join and own sleeper")
         assert second.poll() is None
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        stop(first, second)
 

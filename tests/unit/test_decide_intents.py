@@ -5,51 +5,19 @@ the intent keys (garbage tolerated, history never in a view), and report.history
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
 
 import pytest
 
 from etcdha import decide, model, report
-from etcdha.decide import Action, Facts, Kind, Plan, Reason
+from etcdha.decide import Action, Kind, Reason
 from etcdha.lease import LeaseState
-from etcdha.model import ALL_SERVICES, KV, Candidate, ClusterView, Event, Mark, Move, NodeInfo, Owner, build_view
+from etcdha.model import ALL_SERVICES, KV, Event, Mark, Move, Owner, build_view
+
+from planning import LEASES, ME, MY_LEASE, facts, kinds, of_kind, view
 
 pytestmark = pytest.mark.unit
 
-# Same conventions as tests/unit/test_decide.py (copied, not imported: that module is not a package
-# member and is edited independently).
-ME = "b"
-MY_LEASE = 0xB1
-LEASES = {"a": 0xA1, "b": MY_LEASE, "c": 0xC1, "d": 0xD1}
 P = "/etcdha"
-
-
-def view(alive: Iterable[str] = ("a", "b", "c"),
-         candidates: Optional[Mapping[str, Mapping[str, int]]] = None,
-         owners: Optional[Mapping[str, Owner]] = None,
-         revision: int = 10, **extra) -> ClusterView:
-    """A view where `alive` nodes have node keys and `candidates` is service -> {node: priority}."""
-    cands = {svc: {n: Candidate(node=n, priority=p) for n, p in by_node.items()}
-             for svc, by_node in (candidates or {}).items()}
-    return ClusterView(revision=revision,
-                       nodes={n: NodeInfo(node=n, lease=LEASES.get(n, 0x99)) for n in alive},
-                       candidates=cands, owners=dict(owners or {}),
-                       members=frozenset(alive), **extra)
-
-
-def facts(**kw) -> Facts:
-    base = dict(me=ME, lease=MY_LEASE, lease_state=LeaseState.OK, now=100.0, priorities={"web": 100})
-    base.update(kw)
-    base.setdefault("wall_now", base["now"])
-    return Facts(**base)
-
-
-def kinds(p: Plan) -> list[tuple[Kind, str, Reason]]:
-    return [(a.kind, a.service, a.reason) for a in p.actions]
-
-
-def of_kind(p: Plan, kind: Kind) -> list[Action]:
-    return [a for a in p.actions if a.kind is kind]
 
 
 def mine(token: int = 7) -> Owner:
