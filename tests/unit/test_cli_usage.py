@@ -87,7 +87,7 @@ def test_status_with_missing_config_file():
     assert "/nonexistent.yaml" in r.output
 
 
-@pytest.mark.parametrize("args", [["--help"], ["agent", "--help"], ["status", "--help"], ["-h"]])
+@pytest.mark.parametrize("args", [["--help"], ["-h"]] + [[name, "--help"] for name in sorted(cli.main.commands)])
 def test_help_has_examples(args):
     r = run(*args)
     clean_exit(r, 0)
