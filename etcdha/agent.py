@@ -80,6 +80,9 @@ class Agent:
         log.info("agent %s starting: services %s, lease_ttl %ss, fence margin %ss, etcd %s%s",
                  c.node, ", ".join(c.services) or "(none)", c.lease_ttl, c.fence_margin,
                  ",".join(c.etcd.endpoints), c.etcd.prefix)
+        if len(c.etcd.endpoints) > 1 and c.lease_ttl < 3:
+            log.warning("lease_ttl %ss with a multi-member etcd: renewals stop for the ~1-1.5 s of an etcd leader "
+                        "election, so every owner will fence itself when the etcd leader changes; use >= 3", c.lease_ttl)
         for removed in vip.remove_all(c.vips):
             log.warning("removed leftover VIP %s (we own nothing yet)", removed)
         self.start_runtime()

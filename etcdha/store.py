@@ -52,20 +52,33 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def _translate(func: Callable) -> Callable:
-    """Map gRPC errors to StoreError/Unavailable in one place, and rotate endpoints on failure."""
+    """Map gRPC errors to StoreError/Unavailable in one place; move on to the next endpoint on failure.
+
+    A call refused outright (UNAVAILABLE: the member is down, nothing was applied) or
+    cut off by our own switch of endpoint (CANCELLED) is tried once on each other
+    endpoint at once; a timeout is not retried (it may have been applied), the next
+    call goes to the next endpoint.
+    """
 
     @functools.wraps(func)
     def wrapper(self: "Store", *args, **kwargs):
-        try:
-            return func(self, *args, **kwargs)
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            if code in _UNAVAILABLE:
-                self._rotate()
-                raise Unavailable(f"etcd at {self.endpoint} did not answer {func.__name__} "
+        for attempt in range(len(self._targets)):
+            index = self._index
+            try:
+                return func(self, *args, **kwargs)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                failed = self._endpoint_at(index)
+                if code not in _UNAVAILABLE:
+                    raise StoreError(f"etcd at {failed} refused {func.__name__}: {detail}") from None
+                self._rotate(index)
+                retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                if retry and attempt + 1 < len(self._targets):
+                    continue
+                raise Unavailable(f"etcd at {failed} did not answer {func.__name__} "
                                   f"within {self.timeout:g}s ({code.name if code else '?'}: {detail})") from None
-            raise StoreError(f"etcd at {self.endpoint} refused {func.__name__}: {detail}") from None
+        raise AssertionError("unreachable")
 
     return wrapper
 
@@ -97,7 +110,10 @@ class Store:
 
     @property
     def endpoint(self) -> str:
-        host, port, tls = self._targets[self._index]
+        return self._endpoint_at(self._index)
+
+    def _endpoint_at(self, index: int) -> str:
+        host, port, tls = self._targets[index]
         return f"{'https' if tls else 'http'}://{host}:{port}"
 
     def _connect(self) -> None:
@@ -114,11 +130,13 @@ class Store:
         if old is not None:
             old.close()
 
-    def _rotate(self) -> None:
-        """Move to the next endpoint (if there is more than one) after a failed call."""
+    def _rotate(self, failed: int) -> None:
+        """Move off endpoint `failed` to the next one, unless another thread already did."""
         if len(self._targets) < 2:
             return
         with self._lock:
+            if self._index != failed:
+                return
             self._index = (self._index + 1) % len(self._targets)
             self._connect()
 

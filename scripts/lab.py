@@ -3,7 +3,7 @@
 Topology, all inside namespaces this module creates (the root namespace is never touched):
 
     <tag>-sw    a "switch": bridge br0, one veth per member
-    <tag>-etcd  etcd at 198.18.0.2
+    <tag>-etcd  etcd at 198.18.0.2 (with etcd_members=3 also <tag>-etcd2, -etcd3 at .3 and .4)
     <tag>-n1..  nodes at 198.18.0.11.., each running a real agent, supervisord and the sample service
     <tag>-cl    a client at 198.18.0.50 that probes the VIP
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 NET = "198.18.0"
-ETCD_IP = f"{NET}.2"
 CLIENT_IP = f"{NET}.50"
 VIP = f"{NET}.100"
 PORT = 8080
@@ -64,8 +64,8 @@ def stale_namespaces() -> list[str]:
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
         if name.startswith(TAG_PREFIX) and "-" in name:
-            pid = name[len(TAG_PREFIX):].split("-")[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            pid = re.match(r"\d*", name[len(TAG_PREFIX):]).group()
+            if pid and not Path(f"/proc/{pid}").exists():
                 stale.append(name)
     return stale
 
@@ -86,8 +86,9 @@ def destroy_namespace(ns: str) -> None:
 class Lab:
     """The namespaces and links. Use as a context manager: everything is removed on exit."""
 
-    def __init__(self, nodes: int = 3, workdir: Optional[Path] = None):
-        self.tag = f"{TAG_PREFIX}{os.getpid()}"
+    def __init__(self, nodes: int = 3, workdir: Optional[Path] = None, etcd_members: int = 1, name: str = ""):
+        self.tag = f"{TAG_PREFIX}{os.getpid()}{name}"
+        self.etcd_roles = ["etcd"] + [f"etcd{i}" for i in range(2, etcd_members + 1)]
         self.node_names = [f"n{i}" for i in range(1, nodes + 1)]
         self.workdir = Path(workdir or f"/tmp/etcdha-lab-{self.tag}")
         self.created: list[str] = []
@@ -99,6 +100,10 @@ class Lab:
     def node_ip(self, name: str) -> str:
         return f"{NET}.{10 + int(name[1:])}"
 
+    def etcd_ip(self, role: str) -> str:
+        """etcd members at .2, .3, .4 ("etcd", "etcd2", "etcd3")."""
+        return f"{NET}.{1 + self.etcd_roles.index(role) + 1}"
+
     def up(self) -> "Lab":
         for old in stale_namespaces():
             destroy_namespace(old)
@@ -107,7 +112,8 @@ class Lab:
         self._add_ns(sw)
         sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", sw, "link", "set", "br0", "up")
-        members = {"etcd": ETCD_IP, "cl": CLIENT_IP, **{n: self.node_ip(n) for n in self.node_names}}
+        members = {**{role: self.etcd_ip(role) for role in self.etcd_roles}, "cl": CLIENT_IP,
+                   **{n: self.node_ip(n) for n in self.node_names}}
         for role, ip in members.items():
             ns = self.ns(role)
             self._add_ns(ns)
@@ -194,30 +200,38 @@ class Lab:
 
 
 class Etcd:
-    """A single-member etcd inside the lab's etcd namespace."""
+    """One etcd member inside its own namespace (a single-member cluster unless `peers` are given)."""
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Lab, role: str = "etcd"):
         self.lab = lab
-        self.data = lab.workdir / "etcd-data"
-        self.log = lab.workdir / "etcd.log"
+        self.role = role
+        self.ip = lab.etcd_ip(role)
+        self.name = f"e{lab.etcd_roles.index(role) + 1}"
+        self.data = lab.workdir / f"{role}-data"
+        self.log = lab.workdir / f"{role}.log"
         self.proc: Optional[subprocess.Popen] = None
-        self.endpoint = f"http://{ETCD_IP}:2379"
+        self.endpoint = f"http://{self.ip}:2379"
+        clustered = len(lab.etcd_roles) > 1
+        self.peer = f"http://{self.ip if clustered else '127.0.0.1'}:2380"
+        self.initial_cluster = ",".join(f"e{i + 1}=http://{lab.etcd_ip(r) if clustered else '127.0.0.1'}:2380"
+                                        for i, r in enumerate(lab.etcd_roles))
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, wait: bool = True) -> None:
         url = self.endpoint
-        self.proc = self.lab.popen("etcd", [
-            "etcd", "--name", "e1", "--data-dir", str(self.data),
+        self.proc = self.lab.popen(self.role, [
+            "etcd", "--name", self.name, "--data-dir", str(self.data),
             "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-            "--initial-cluster", "e1=http://127.0.0.1:2380", "--logger", "zap", "--log-outputs", "stderr",
+            "--listen-peer-urls", self.peer, "--initial-advertise-peer-urls", self.peer,
+            "--initial-cluster", self.initial_cluster, "--logger", "zap", "--log-outputs", "stderr",
         ], stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        wait_until(self.healthy, timeout, "etcd to answer", interval=0.1)
+        if wait:
+            wait_until(self.healthy, timeout, f"etcd {self.name} to answer", interval=0.1)
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise RuntimeError(f"etcd exited; see {self.log}")
-        res = self.lab.run("etcd", ["etcdctl", "--endpoints", self.endpoint, "--command-timeout=1s",
-                                    "endpoint", "health"], timeout=5)
+        res = self.lab.run(self.role, ["etcdctl", "--endpoints", self.endpoint, "--command-timeout=1s",
+                                       "endpoint", "health"], timeout=5)
         return res.returncode == 0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -233,8 +247,12 @@ class Etcd:
         self.stop()
         self.start()
 
+    def is_leader(self) -> bool:
+        status = json.loads(self.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]
+        return status["leader"] == status["header"]["member_id"]
+
     def etcdctl(self, *args: str) -> str:
-        res = self.lab.run("etcd", ["etcdctl", "--endpoints", self.endpoint, *args])
+        res = self.lab.run(self.role, ["etcdctl", "--endpoints", self.endpoint, *args])
         if res.returncode:
             raise RuntimeError(f"etcdctl {' '.join(args)}: {res.stderr.strip()}")
         return res.stdout
@@ -275,7 +293,8 @@ class Node:
     def config(self) -> dict:
         base = {
             "node": self.name,
-            "etcd": {"endpoints": [f"http://{ETCD_IP}:2379"], "prefix": self.prefix},
+            "etcd": {"endpoints": [f"http://{self.lab.etcd_ip(r)}:2379" for r in self.lab.etcd_roles],
+                     "prefix": self.prefix},
             "lease_ttl": 2,
             "run_dir": str(self.dir / "run"),
             "services": {"web": {"command": sample_service_command(), "vip": f"{VIP}/24", "interface": "eth0",
@@ -310,10 +329,13 @@ class Node:
 
     def cut_etcd_link(self) -> None:
         """Silently drop everything this node sends to etcd (the VIP stays reachable for clients)."""
-        sh("ip", "-n", self.lab.ns(self.name), "route", "add", "blackhole", f"{ETCD_IP}/32")
+        for role in self.lab.etcd_roles:
+            sh("ip", "-n", self.lab.ns(self.name), "route", "add", "blackhole", f"{self.lab.etcd_ip(role)}/32")
 
     def heal(self) -> None:
-        sh("ip", "-n", self.lab.ns(self.name), "route", "del", "blackhole", f"{ETCD_IP}/32", check=False)
+        for role in self.lab.etcd_roles:
+            sh("ip", "-n", self.lab.ns(self.name), "route", "del", "blackhole", f"{self.lab.etcd_ip(role)}/32",
+               check=False)
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM (graceful), then SIGKILL; then kill anything left in the namespace but the holder."""
@@ -359,7 +381,8 @@ class Cluster:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run `etcdha ARGS` against this cluster from the client namespace."""
-        return self.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", self.etcd.endpoint,
+        endpoints = ",".join(f"http://{self.lab.etcd_ip(r)}:2379" for r in self.lab.etcd_roles)
+        return self.lab.run("cl", [sys.executable, "-m", "etcdha", "--endpoints", endpoints,
                                    "--prefix", self.prefix, *args], timeout=timeout)
 
     def status(self) -> dict:

@@ -260,15 +260,26 @@ def test_unreachable_etcd_raises_unavailable_quickly(call):
         s.close()
 
 
-def test_unreachable_second_endpoint_rotates_to_the_live_one(etcd_server):
-    """With a dead endpoint first, a failed call rotates and the next one reaches the live server."""
+def test_a_dead_endpoint_is_skipped_within_the_same_call(etcd_server):
+    """A member that refuses connections (nothing applied) is passed over at once: the call succeeds."""
     dead = f"http://127.0.0.1:{free_port()}"
     s = Store(EtcdConfig(endpoints=(dead, etcd_server.endpoint), prefix=f"/t-{uuid.uuid4().hex}", timeout=1.0))
     try:
-        with pytest.raises(Unavailable):
-            s.revision()
-        assert s.endpoint == etcd_server.endpoint
         assert s.revision() > 0
+        assert s.endpoint == etcd_server.endpoint
+        lease, _ = s.grant(5)
+        assert s.claim("web", "a", lease, since=time.time()) is not None
+    finally:
+        s.close()
+
+
+def test_every_endpoint_dead_names_the_one_that_failed():
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    s = Store(EtcdConfig(endpoints=tuple(dead), prefix=f"/t-{uuid.uuid4().hex}", timeout=1.0))
+    try:
+        with pytest.raises(Unavailable) as info:
+            s.snapshot()
+        assert dead[1] in str(info.value), "the message names the endpoint that failed last"
     finally:
         s.close()
 
@@ -326,6 +337,22 @@ def test_hung_etcd_times_out_with_unavailable(call):
         assert timeout * 0.8 <= took < timeout + 1.0, f"{call} took {took:.2f}s"
         assert "DEADLINE_EXCEEDED" in str(info.value)
         assert hung.endpoint in str(info.value)
+    finally:
+        s.close()
+        hung.close()
+
+
+def test_a_hung_endpoint_is_not_retried_in_the_call_but_the_next_call_moves_on(etcd_server):
+    """A timeout may have been applied, so it is not repeated; the following call uses the next member."""
+    hung = _HungEtcd()
+    s = Store(EtcdConfig(endpoints=(hung.endpoint, etcd_server.endpoint), prefix=f"/t-{uuid.uuid4().hex}",
+                         timeout=0.5))
+    try:
+        with pytest.raises(Unavailable) as info:
+            s.grant(5)
+        assert hung.endpoint in str(info.value) and "DEADLINE_EXCEEDED" in str(info.value)
+        assert s.revision() > 0
+        assert s.endpoint == etcd_server.endpoint
     finally:
         s.close()
         hung.close()
