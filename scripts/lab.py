@@ -395,6 +395,10 @@ class Cluster:
     def owner(self, service: str = "web") -> Optional[str]:
         return self.status()["services"].get(service, {}).get("owner")
 
+    def fenced(self) -> list[str]:
+        """Nodes whose fence has fired during this cluster's life (from the agents' logs)."""
+        return [n.name for n in self.nodes.values() if n.log.exists() and "fired" in n.log.read_text()]
+
     def logs(self) -> str:
         parts = []
         for node in self.nodes.values():

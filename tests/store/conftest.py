@@ -114,7 +114,19 @@ def find_etcd() -> Optional[str]:
     return None
 
 
-class LocalEtcd:
+class _Server:
+    """What both etcd backends share; each defines start/stop/running."""
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def ensure_running(self) -> None:
+        if not self.running():
+            self.start()
+
+
+class LocalEtcd(_Server):
     """A real etcd process on 127.0.0.1; keeps its data dir and ports across restarts."""
 
     def __init__(self, binary: str):
@@ -172,14 +184,6 @@ class LocalEtcd:
             self._log.close()
             self._log = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def ensure_running(self) -> None:
-        if not self.running():
-            self.start()
-
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # by PID, via our own Popen handle
@@ -192,7 +196,7 @@ class LocalEtcd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class ContainerEtcd:
+class ContainerEtcd(_Server):
     """etcd in a container (ETCDHA_TEST_ETCD=testcontainers); restart keeps the container."""
 
     pid = None
@@ -226,14 +230,6 @@ class ContainerEtcd:
         self.container.get_wrapped_container().reload()
         self._resolve()
         wait_ready(self.endpoint)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def ensure_running(self) -> None:
-        if not self.running():
-            self.start()
 
     def close(self) -> None:
         self.container.stop()
