@@ -34,6 +34,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # A new Store must not inherit another channel's reconnect backoff (gRPC shares subchannels
+    # process-wide by default): a fresh store would fail fast with a stale "connection refused".
+    ("grpc.use_local_subchannel_pool", 1),
     # Notice a silently dead connection (etcd's default minimum ping interval is 5 s).
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 3000),
