@@ -92,7 +92,11 @@ class Agent:
             self.watcher = self.store.watcher(self.wake.set)
             self.watcher.start()
             while not self.stopping.is_set():
-                self.cycle()
+                try:
+                    self.cycle()
+                except Exception:  # noqa: BLE001 - the loop never dies; the fence guards safety meanwhile
+                    log.exception("unexpected error in the agent loop; carrying on")
+                    self._next_wait = decide.FAST_TICK
         finally:
             self.shutdown()
         return 0
@@ -222,11 +226,8 @@ class Agent:
         self.wake.clear()
         if self.stopping.is_set():
             return
-        if not self.fence.alive():
-            return self.recover("the fence process exited (" + "; ".join(self.fence.messages[-1:]) + ")")
-        state = self.lease.poll()
-        if state is LeaseState.LOST:
-            return self.recover(f"lease {self.lease.id:x} lost")
+        if self.lost():
+            return
         view = self.read_view()
         try:
             programs = self.supervisor.states()
@@ -235,6 +236,10 @@ class Agent:
             log.error("cannot read program states: %s", exc)
             self._next_wait = decide.FAST_TICK
             return
+        # the lease state is taken after the slow reads: a stall during them must not leave it stale
+        if self.lost():
+            return
+        state = self.lease.poll()
         now = self.clock()
         if view is not None:
             self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
@@ -260,6 +265,16 @@ class Agent:
         wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
                                                                                self.config.reconcile_interval)
         self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
+
+    def lost(self) -> bool:
+        """If the fence has fired or the lease is gone, recover (True); nothing else may run then."""
+        if not self.fence.alive():
+            self.recover("the fence process exited (" + "; ".join(self.fence.messages[-1:]) + ")")
+            return True
+        if self.lease.poll() is LeaseState.LOST:
+            self.recover(f"lease {self.lease.id:x} lost")
+            return True
+        return False
 
     def read_view(self) -> Optional[model.ClusterView]:
         try:
@@ -307,6 +322,12 @@ class Agent:
     def execute(self, action: Action) -> None:
         service = self.config.services[action.service]
         prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
+        if action.kind in (Kind.CLAIM, Kind.START) and not (self.fence.alive() and
+                                                              self.lease.poll() is LeaseState.OK):
+            # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing
+            log.warning("not doing %s: the lease is no longer healthy", action)
+            self.wake.set()
+            return
         try:
             if action.kind is Kind.ENROLL:
                 self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
@@ -381,9 +402,14 @@ class Agent:
                 vip.remove(service.interface, str(service.vip))
         prefix, me = self.config.etcd.prefix, self.config.node
         until = time.time() + self.config.failure_cooldown
-        self.store.put(model.cooldown_key(prefix, service.name, me), model.encode_cooldown(until, why), self.lease.id)
-        self.store.delete(model.candidate_key(prefix, service.name, me))
-        self.store.release(service.name, self.lease.id)
+        try:
+            self.store.put(model.cooldown_key(prefix, service.name, me), model.encode_cooldown(until, why),
+                           self.lease.id)
+            self.store.delete(model.candidate_key(prefix, service.name, me))
+            self.store.release(service.name, self.lease.id)
+        except StoreError as exc:  # e.g. our lease is gone: the owner key went with it
+            log.error("releasing %s in etcd: %s", service.name, exc)
+            return
         self.record(service.name, "failed", why, token)
         log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
                     service.name, why, self.config.failure_cooldown, service.name)
