@@ -1,18 +1,22 @@
 """Agent config: YAML -> frozen dataclasses, validated once at load.
 
 Every error names the file, the key path and what was expected, so an operator
-can fix the file without reading this code. Timing relations that protect the
-at-most-one-copy invariant are checked here, not discovered at run time.
+can fix the file without reading this code; every error in a file is reported
+at once. Timing relations that protect the at-most-one-copy invariant are
+checked here, not discovered at run time. Nothing that reaches a path, argv or
+the environment may carry control characters, and no number may be NaN,
+infinite or absurd: bad input must never weaken safety.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
 import yaml
@@ -22,8 +26,30 @@ from etcdha.errors import ConfigError
 DEFAULT_PREFIX = "/etcdha"
 # etcd (default heartbeat/election settings) raises any TTL below this to it.
 ETCD_MIN_TTL = 2
+# A lease outliving 10 minutes would keep a dead node's services down that long.
+MAX_TTL = 600
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # always used with fullmatch
 NAME_RULE = "1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit (no '/' or whitespace)"
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# C0, DEL, C1 and the Unicode line/paragraph separators: each can end a line in some reader.
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL_RULE = "no control characters (newline, tab, NUL, ...)"
+IFNAME_RE = re.compile(r"[^/:\s]{1,15}")  # the kernel's dev_valid_name(); length checked in bytes too
+# supervisord's socket is RUN_DIR/supervisor.sock; sun_path holds 108 bytes with the NUL.
+MAX_RUN_DIR_BYTES = 80
+MAX_FILE_BYTES = 1 << 20  # a config is a few kilobytes
+MAX_NODES = 100_000       # YAML nodes after expanding aliases
+MAX_DEPTH = 32            # nesting levels; a config needs about 5
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_UNSET: Any = object()
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config file, each a complete `FILE: key.path: ...` line."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors: list[str] = [_one_line(e) for e in errors]
+        super().__init__("\n".join(self.errors))
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,7 @@ class Config:
     history_size: int = 100
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
+    cgroup_root: Optional[Path] = None  # None: the agent finds its own cgroup
 
     @property
     def vips(self) -> tuple[tuple[str, str], ...]:
@@ -79,205 +106,612 @@ class Config:
         return tuple((s.interface, str(s.vip)) for s in self.services.values() if s.vip and s.interface)
 
 
+# ---- rendering values in one line ---------------------------------------------------------------
+
+def _escape(match: re.Match) -> str:
+    return repr(match.group())[1:-1]
+
+
+def _one_line(text: str) -> str:
+    """Control characters escaped, so one error is exactly one terminal line."""
+    return CONTROL_RE.sub(_escape, text)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() for an error message: short, one line, and never failing (huge ints cannot be printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _key(key: Any) -> str:
+    """A mapping key as a component of a key path: verbatim if plain text, else its repr."""
+    if isinstance(key, str) and key and not CONTROL_RE.search(key) and len(key) <= 100:
+        return key
+    return _show(key)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 class _Reader:
-    """Typed access to a YAML mapping that reports errors as file: key.path: expectation."""
+    """Typed access to a YAML mapping; records every error as `file: key.path: expectation (got value)`."""
 
     def __init__(self, source: str):
         self.source = source
+        self.errors: list[str] = []
 
-    def fail(self, path: str, expected: str, got: Any = None) -> ConfigError:
-        shown = "" if got is None else f" (got {got!r})"
-        return ConfigError(f"{self.source}: {path}: expected {expected}{shown}")
+    def error(self, path: str, expected: str, got: Any = _UNSET) -> None:
+        shown = "" if got is _UNSET else f" (got {_show(got)})"
+        self.errors.append(f"{self.source}: {path}: expected {expected}{shown}")
 
-    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.errors)
+
+    def mapping(self, value: Any, path: str) -> Optional[Mapping[Any, Any]]:
         if not isinstance(value, dict):
-            raise self.fail(path, "a mapping", value)
+            self.error(path, "a mapping", value)
+            return None
         return value
 
-    def number(self, data: Mapping[str, Any], key: str, path: str, default: float,
-               minimum: float = 0.0, integer: bool = False) -> Any:
+    def number(self, data: Mapping[str, Any], key: str, path: str, default: float, low: float, high: float,
+               kind: str = "seconds") -> Any:
+        """A number within [low, high], or None (error recorded). kind: seconds, whole seconds or count.
+
+        The bounds also keep out NaN (every comparison with it is false), the infinities and booleans.
+        """
         value = data.get(key, default)
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise self.fail(f"{path}{key}", "an integer" if integer else "a number of seconds", value)
-        if value < minimum:
-            raise self.fail(f"{path}{key}", f"a value >= {minimum}", value)
+        integer = kind != "seconds"
+        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+        if not ok or not low <= value <= high:
+            unit = {"seconds": "a number of seconds", "whole seconds": "a whole number of seconds",
+                    "count": "an integer"}[kind]
+            self.error(f"{path}{key}", f"{unit} between {_num(low)} and {_num(high)}", value)
+            return None
         return value
 
-    def name(self, value: Any, path: str) -> str:
+    def name(self, value: Any, path: str, hint: str = "") -> Optional[str]:
         if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-            raise self.fail(path, f"a name of {NAME_RULE}", value)
+            self.error(path, f"a name of {NAME_RULE}{hint}", value)
+            return None
         return value
 
-    def unknown_keys(self, data: Mapping[str, Any], allowed: set[str], path: str) -> None:
-        extra = sorted(set(data) - allowed)
-        if extra:
-            raise self.fail(f"{path}{extra[0]}", f"one of the known keys {sorted(allowed)}", "unknown key")
+    def text(self, value: Any, path: str, what: str) -> Optional[str]:
+        """A string without control characters (they would end a line in a config, log or argv)."""
+        if not isinstance(value, str):
+            self.error(path, what, value)
+            return None
+        if CONTROL_RE.search(value):
+            self.error(path, f"{what} with {CONTROL_RULE}", value)
+            return None
+        return value
 
+    def path(self, value: Any, path: str, what: str, no_space: bool = False) -> Optional[str]:
+        """An absolute path: a relative one would depend on whichever directory the agent runs in."""
+        value = self.text(value, path, what)
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            self.error(path, "an absolute path (starting with /)", value)
+            return None
+        if no_space and re.search(r"\s", value):
+            self.error(path, f"{what} without whitespace", value)
+            return None
+        return value
+
+    def unknown_keys(self, data: Mapping[Any, Any], allowed: set[str], path: str) -> None:
+        for extra in sorted(set(data) - allowed, key=str):
+            self.error(f"{path}{_key(extra)}", f"one of the known keys {sorted(allowed)}", "unknown key")
+
+
+# ---- values usable outside a config file too (CLI options) --------------------------------------
 
 def parse_endpoint(value: Any, where: str = "endpoint") -> tuple[str, int, bool]:
     """'http://host:port' -> (host, port, tls); raises ConfigError naming `where`."""
+    expected = f"{where}: expected a URL like http://HOST:2379 (got {_show(value)})"
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a URL like http://HOST:2379 (got {value!r})")
+        raise ConfigError(expected)
+    if CONTROL_RE.search(value) or re.search(r"\s", value):
+        # urlparse silently drops tabs and newlines, so check before it sees them
+        raise ConfigError(f"{where}: expected a URL like http://HOST:2379 without whitespace or control "
+                          f"characters (got {_show(value)})")
     url = urlparse(value if "://" in value else f"http://{value}")
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{where}: expected a URL like http://HOST:2379 (got {value!r})")
+        raise ConfigError(expected)
     try:
-        port = url.port or 2379
+        port = url.port
     except ValueError:
-        raise ConfigError(f"{where}: expected a port number in {value!r}") from None
-    return url.hostname, port, url.scheme == "https"
+        port = 0
+    if port == 0 or (port is None and url.netloc.endswith(":")):
+        raise ConfigError(f"{where}: expected a port number from 1 to 65535 in {_show(value)}")
+    return url.hostname, port or 2379, url.scheme == "https"
 
 
-def parse_command(value: Any, path: str, reader: _Reader) -> tuple[str, ...]:
+def check_prefix(prefix: Any, where: str) -> str:
+    """A key prefix is an absolute path-like string without a trailing slash."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"/[A-Za-z0-9_./-]{0,200}[A-Za-z0-9_.-]", prefix):
+        raise ConfigError(f"{where}: expected a key prefix like /etcdha (got {_show(prefix)})")
+    return prefix
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+def parse_command(value: Any, path: str, reader: _Reader) -> Optional[tuple[str, ...]]:
     """A command is a shell-like string or a list of arguments; it is run without a shell."""
     if isinstance(value, str):
         try:
             argv = shlex.split(value)
         except ValueError as exc:
-            raise reader.fail(path, f"a command line with balanced quotes ({exc})", value) from None
+            reader.error(path, f"a command line with balanced quotes ({exc})", value)
+            return None
     elif isinstance(value, list) and all(isinstance(a, str) for a in value):
         argv = list(value)
     else:
-        raise reader.fail(path, "a command string or a list of strings", value)
-    if not argv or any("\n" in a or "\0" in a for a in argv):
-        raise reader.fail(path, "a non-empty command without newlines", value)
+        reader.error(path, "a command string or a list of strings", value)
+        return None
+    if not argv or not argv[0]:
+        reader.error(path, "a non-empty command", value)
+        return None
+    if any(CONTROL_RE.search(a) for a in argv):
+        reader.error(path, f"a command with {CONTROL_RULE} in its arguments", value)
+        return None
     return tuple(argv)
 
 
-def _service(name: Any, data: Any, r: _Reader) -> Service:
-    path = f"services.{name}"
+def _interface(value: Any, path: str, r: _Reader) -> Optional[str]:
+    expected = "the network interface name to put the VIP on (1-15 bytes, no '/', ':', whitespace)"
+    if (not isinstance(value, str) or not IFNAME_RE.fullmatch(value) or CONTROL_RE.search(value)
+            or value in (".", "..") or len(value.encode()) > 15):
+        r.error(path, expected, value)
+        return None
+    return value
+
+
+def _environment(value: Any, path: str, r: _Reader) -> Optional[dict[str, str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        r.error(path, "a mapping of VARIABLE: value", value)
+        return None
+    env: dict[str, str] = {}
+    for k, v in value.items():
+        where = f"{path}.{_key(k)}"
+        if not isinstance(k, str) or not ENV_NAME_RE.fullmatch(k):
+            r.error(where, "a variable name of letters, digits and '_', not starting with a digit", k)
+            continue
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and abs(v) < 10 ** 100):
+            v = str(v)  # e.g. PORT: 8080
+        if not isinstance(v, str):
+            r.error(where, "a string value (quote it: VARIABLE: \"value\")", v)
+        elif CONTROL_RE.search(v):
+            r.error(where, f"a value with {CONTROL_RULE}", v)
+        else:
+            env[k] = v
+    return env
+
+
+def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
+    path = f"services.{_key(name)}"
+    before = len(r.errors)
     r.name(name, path)
     data = r.mapping(data, path)
+    if data is None:
+        return None
     r.unknown_keys(data, {"command", "vip", "interface", "priority", "startsecs", "startretries",
                           "stopwaitsecs", "directory", "environment"}, path + ".")
+    command = None
     if "command" not in data:
-        raise r.fail(f"{path}.command", "a command to run")
+        r.error(f"{path}.command", "a command to run")
+    else:
+        command = parse_command(data["command"], f"{path}.command", r)
     vip = None
     interface = data.get("interface")
     if data.get("vip") is not None:
+        raw = data["vip"]
         try:
-            vip = ipaddress.ip_interface(str(data["vip"]))
+            vip = ipaddress.ip_interface(raw) if isinstance(raw, str) else None
         except ValueError:
-            raise r.fail(f"{path}.vip", "an address with prefix length like 198.18.0.100/24", data["vip"]) from None
-        if vip.version != 4:
-            raise r.fail(f"{path}.vip", "an IPv4 address (IPv6 VIPs are not supported yet)", data["vip"])
-        if "/" not in str(data["vip"]):
-            raise r.fail(f"{path}.vip", "an explicit prefix length, e.g. 198.18.0.100/24", data["vip"])
-        if not isinstance(interface, str) or not re.fullmatch(r"[^/\s]{1,15}", interface):
-            raise r.fail(f"{path}.interface", "the network interface name to put the VIP on", interface)
-    env = data.get("environment") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)
-                                            for k in env):
-        raise r.fail(f"{path}.environment", "a mapping of VARIABLE: value", env)
-    for k, v in env.items():
-        v = str(v)
-        # supervisord's environment= syntax cannot carry these (it has no escapes)
-        quoted_end = v[:1] in ("'", '"') or v[-1:] in ("'", '"')
-        if "\n" in v or "\0" in v or ('"' in v and "'" in v) or quoted_end:
-            raise r.fail(f"{path}.environment.{k}", "a value without newlines, not starting or ending with a "
-                         "quote, and not containing both kinds of quotes", v)
+            vip = None
+        if vip is None:
+            r.error(f"{path}.vip", "an address with prefix length like 198.18.0.100/24", raw)
+        elif vip.version != 4:
+            r.error(f"{path}.vip", "an IPv4 address (IPv6 VIPs are not supported yet)", raw)
+        elif "/" not in raw:
+            r.error(f"{path}.vip", "an explicit prefix length, e.g. 198.18.0.100/24", raw)
+        elif vip.ip.is_unspecified or vip.ip.is_multicast or vip.ip == ipaddress.IPv4Address("255.255.255.255"):
+            r.error(f"{path}.vip", "a unicast address a host can own", raw)
+        _interface(interface, f"{path}.interface", r)
+    elif interface is not None:
+        _interface(interface, f"{path}.interface", r)  # dropped without a vip, but still not garbage
     directory = data.get("directory")
-    if directory is not None and not isinstance(directory, str):
-        raise r.fail(f"{path}.directory", "a directory path", directory)
-    return Service(
-        name=name,
-        command=parse_command(data["command"], f"{path}.command", r),
-        vip=vip,
-        interface=interface if vip else None,
-        priority=r.number(data, "priority", path + ".", 100, minimum=0, integer=True),
-        startsecs=r.number(data, "startsecs", path + ".", 1, minimum=0, integer=True),
-        startretries=r.number(data, "startretries", path + ".", 2, minimum=0, integer=True),
-        stopwaitsecs=r.number(data, "stopwaitsecs", path + ".", 2, minimum=1, integer=True),
-        directory=directory,
-        environment={k: str(v) for k, v in env.items()},
-    )
+    if directory is not None:
+        r.path(directory, f"{path}.directory", "a directory path")
+    environment = _environment(data.get("environment"), f"{path}.environment", r)
+    priority = r.number(data, "priority", path + ".", 100, 0, 1_000_000, "count")
+    startsecs = r.number(data, "startsecs", path + ".", 1, 0, 3600, "whole seconds")
+    startretries = r.number(data, "startretries", path + ".", 2, 0, 100, "count")
+    stopwaitsecs = r.number(data, "stopwaitsecs", path + ".", 2, 1, 3600, "whole seconds")
+    if len(r.errors) > before:
+        return None
+    return Service(name=name, command=command, vip=vip, interface=interface if vip else None, priority=priority,
+                   startsecs=startsecs, startretries=startretries, stopwaitsecs=stopwaitsecs, directory=directory,
+                   environment=environment)
 
 
-def parse(data: Any, source: str = "<config>") -> Config:
-    """Validate a decoded YAML document; raise ConfigError naming source and key path."""
-    r = _Reader(source)
-    data = r.mapping(data if data is not None else {}, "(top level)")
-    r.unknown_keys(data, {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin",
-                          "reconcile_interval", "claim_delay", "startup_grace", "failure_cooldown", "run_dir",
-                          "move_timeout", "history_size",
-                          "services"}, "")
-    node = r.name(data.get("node") or socket.gethostname().split(".")[0], "node")
-
-    etcd_data = r.mapping(data.get("etcd") or {}, "etcd")
-    r.unknown_keys(etcd_data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key"}, "etcd.")
-    endpoints = etcd_data.get("endpoints", list(EtcdConfig.endpoints))
+def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
+    before = len(r.errors)
+    data = r.mapping({} if data is None else data, "etcd")
+    if data is None:
+        return None
+    r.unknown_keys(data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key"}, "etcd.")
+    endpoints = data.get("endpoints", list(EtcdConfig.endpoints))
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if not isinstance(endpoints, list) or not endpoints:
-        raise r.fail("etcd.endpoints", "a non-empty list of URLs like http://HOST:2379", endpoints)
-    for i, ep in enumerate(endpoints):
-        parse_endpoint(ep, f"{source}: etcd.endpoints[{i}]")
-    prefix = check_prefix(etcd_data.get("prefix", DEFAULT_PREFIX), f"{source}: etcd.prefix")
-    tls = {k: etcd_data.get(k) for k in ("ca_cert", "cert", "key")}
+        r.error("etcd.endpoints", "a non-empty list of URLs like http://HOST:2379", endpoints)
+    else:
+        for i, ep in enumerate(endpoints):
+            try:
+                parse_endpoint(ep, f"{r.source}: etcd.endpoints[{i}]")
+            except ConfigError as exc:
+                r.errors.append(str(exc))
+    prefix = data.get("prefix", DEFAULT_PREFIX)
+    try:
+        check_prefix(prefix, f"{r.source}: etcd.prefix")
+    except ConfigError as exc:
+        r.errors.append(str(exc))
+    tls = {k: data.get(k) for k in ("ca_cert", "cert", "key")}
     for k, v in tls.items():
-        if v is not None and not isinstance(v, str):
-            raise r.fail(f"etcd.{k}", "a file path", v)
-    etcd = EtcdConfig(endpoints=tuple(endpoints), prefix=prefix,
-                      timeout=r.number(etcd_data, "timeout", "etcd.", 1.0, minimum=0.05), **tls)
+        if v is not None:
+            r.path(v, f"etcd.{k}", "a file path")
+    timeout = r.number(data, "timeout", "etcd.", 1.0, 0.05, 60)
+    if len(r.errors) > before:
+        return None
+    return EtcdConfig(endpoints=tuple(endpoints), prefix=prefix, timeout=float(timeout), **tls)
 
-    ttl = r.number(data, "lease_ttl", "", 2, minimum=ETCD_MIN_TTL, integer=True)
-    keepalive = r.number(data, "keepalive_interval", "", ttl / 4, minimum=0.05)
-    margin = r.number(data, "fence_margin", "", min(0.6, ttl / 3), minimum=0.1)
-    if keepalive > ttl / 3:
-        raise r.fail("keepalive_interval", f"at most lease_ttl/3 = {ttl / 3:.2f}s so a lost renewal can be retried",
-                     keepalive)
-    if margin + keepalive >= ttl:
-        raise r.fail("fence_margin", f"less than lease_ttl - keepalive_interval = {ttl - keepalive:.2f}s, "
-                     "or the fence would fire between two healthy renewals", margin)
-    if etcd.timeout >= ttl - margin:
-        raise r.fail("etcd.timeout", f"less than lease_ttl - fence_margin = {ttl - margin:.2f}s", etcd.timeout)
 
-    services_data = r.mapping(data.get("services") or {}, "services")
-    services = {name: _service(name, sdata, r) for name, sdata in services_data.items()}
+def _run_dir(value: Any, r: _Reader) -> Optional[str]:
+    value = r.path(value, "run_dir", "a directory path")
+    if value is None:
+        return None
+    if re.search(r"[\s;#]", value):
+        r.error("run_dir", "a path without whitespace, ';' or '#' (supervisord's config would read them as "
+                "the start of a comment)", value)
+        return None
+    if len(value.encode()) > MAX_RUN_DIR_BYTES:
+        r.error("run_dir", f"a path of at most {MAX_RUN_DIR_BYTES} bytes, so that RUN_DIR/supervisor.sock fits "
+                "the 108 bytes of a unix socket address", f"{len(value.encode())} bytes")
+        return None
+    return value
+
+
+TOP_KEYS = {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin", "reconcile_interval", "claim_delay",
+            "startup_grace", "failure_cooldown", "run_dir", "move_timeout", "history_size", "cgroup_root",
+            "services"}
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    """Validate a decoded YAML document; raise ConfigErrors listing every problem, each naming source and key."""
+    r = _Reader(source)
+    config = None
+    if data is None:
+        r.error("(top level)", "a mapping with at least a services: section", "an empty document")
+    elif r.mapping(data, "(top level)") is not None:
+        config = _parse_mapping(data, r)
+    r.raise_if_any()
+    assert config is not None
+    return config
+
+
+def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
+    """The whole top-level mapping; a Config only if no error was recorded."""
+    r.unknown_keys(data, TOP_KEYS, "")
+    if data.get("node") is not None:
+        node = r.name(data["node"], "node")
+    else:
+        node = r.name(socket.gethostname().split(".")[0], "node",
+                      "; the hostname is not one, so set node: explicitly")
+    etcd = _etcd(data.get("etcd"), r)
+
+    ttl = r.number(data, "lease_ttl", "", 2, ETCD_MIN_TTL, MAX_TTL, "whole seconds")
+    t = ETCD_MIN_TTL if ttl is None else ttl  # defaults only; relations below need the real ttl
+    # keepalive_interval and fence_margin are also bounded by lease_ttl, checked just below
+    keepalive = r.number(data, "keepalive_interval", "", t / 4, 0.05, MAX_TTL / 3)
+    margin = r.number(data, "fence_margin", "", min(0.6, t / 3), 0.1, MAX_TTL)
+    if ttl is not None and keepalive is not None and keepalive > ttl / 3:
+        r.error("keepalive_interval", f"at most lease_ttl/3 = {ttl / 3:.2f}s so a lost renewal can be retried",
+                keepalive)
+    if ttl is not None and keepalive is not None and margin is not None and margin + keepalive >= ttl:
+        r.error("fence_margin", f"less than lease_ttl - keepalive_interval = {ttl - keepalive:.2f}s, "
+                "or the fence would fire between two healthy renewals", margin)
+    if ttl is not None and margin is not None and etcd is not None and etcd.timeout >= ttl - margin:
+        r.error("etcd.timeout", f"less than lease_ttl - fence_margin = {ttl - margin:.2f}s", etcd.timeout)
+    reconcile = r.number(data, "reconcile_interval", "", 2.0, 0.1, 3600)
+    claim_delay = r.number(data, "claim_delay", "", 0.5, 0, 60)
+    grace = r.number(data, "startup_grace", "", float(t), 0, 3600)
+    cooldown = r.number(data, "failure_cooldown", "", 30.0, 0, 7 * 24 * 3600)
+    move_timeout = r.number(data, "move_timeout", "", 10, ETCD_MIN_TTL, 3600, "whole seconds")
+    history_size = r.number(data, "history_size", "", 100, 1, 10_000, "count")
+
+    services: dict[str, Service] = {}
+    services_data = data.get("services")
+    if not services_data and not isinstance(services_data, list):
+        expected = "at least one service, like services: {web: {command: ...}} (an agent without services does nothing)"
+        if services_data is None:
+            r.error("services", expected)
+        else:
+            r.error("services", expected, services_data)
+    elif r.mapping(services_data, "services") is not None:
+        for name, sdata in services_data.items():
+            s = _service(name, sdata, r)
+            if s is not None:
+                services[name] = s
     seen: dict[str, str] = {}
     for s in services.values():
         if s.vip:
             other = seen.setdefault(str(s.vip.ip), s.name)
             if other != s.name:
-                raise r.fail(f"services.{s.name}.vip", f"an address not already used by service {other!r}", str(s.vip))
+                r.error(f"services.{s.name}.vip", f"an address not already used by service {other!r}", str(s.vip))
 
-    run_dir = data.get("run_dir") or f"/run/etcdha/{node}"
-    if not isinstance(run_dir, str):
-        raise r.fail("run_dir", "a directory path", run_dir)
+    run_dir = _run_dir(data["run_dir"], r) if data.get("run_dir") is not None else f"/run/etcdha/{node}"
+    cgroup_root = None
+    if data.get("cgroup_root") is not None:
+        cgroup_root = r.path(data["cgroup_root"], "cgroup_root", "a cgroup directory path", no_space=True)
+    if r.errors:
+        return None
     return Config(
         node=node, etcd=etcd, services=services, lease_ttl=ttl, keepalive_interval=float(keepalive),
-        fence_margin=float(margin),
-        reconcile_interval=float(r.number(data, "reconcile_interval", "", 2.0, minimum=0.1)),
-        claim_delay=float(r.number(data, "claim_delay", "", 0.5, minimum=0.0)),
-        startup_grace=float(r.number(data, "startup_grace", "", float(ttl), minimum=0.0)),
-        failure_cooldown=float(r.number(data, "failure_cooldown", "", 30.0, minimum=0.0)),
-        move_timeout=r.number(data, "move_timeout", "", 10, minimum=ETCD_MIN_TTL, integer=True),
-        history_size=r.number(data, "history_size", "", 100, minimum=1, integer=True),
-        run_dir=Path(run_dir), source=source,
+        fence_margin=float(margin), reconcile_interval=float(reconcile), claim_delay=float(claim_delay),
+        startup_grace=float(grace), failure_cooldown=float(cooldown), move_timeout=move_timeout,
+        history_size=history_size, run_dir=Path(run_dir), source=r.source,
+        cgroup_root=None if cgroup_root is None else Path(cgroup_root),
     )
 
 
-def check_prefix(prefix: Any, where: str) -> str:
-    """A key prefix is an absolute path-like string without a trailing slash."""
-    if not isinstance(prefix, str) or not re.fullmatch(r"/[A-Za-z0-9_./-]*[A-Za-z0-9_.-]", prefix):
-        raise ConfigError(f"{where}: expected a key prefix like /etcdha (got {prefix!r})")
-    return prefix
+# ---- YAML: strict and bounded -------------------------------------------------------------------
+
+class _Refused(Exception):
+    """Valid YAML that no config can be: too deep, too big after aliases, or self-referring."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that stops composing past MAX_DEPTH levels or MAX_NODES nodes.
+
+    PyYAML composes recursively, so nesting is bounded before Python's recursion
+    limit is reached; aliases are not expanded here (see `_measure`).
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        self._nodes += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _Refused(f"line {line}: nested deeper than {MAX_DEPTH} levels (a config needs about 5)")
+            if self._nodes > MAX_NODES:
+                raise _Refused(f"more than {MAX_NODES} YAML nodes (a config needs a few hundred)")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _measure(root: yaml.Node) -> None:
+    """Refuse a node graph whose expansion is too big or too deep (billion laughs) or cyclic.
+
+    Iterative, memoized per node: linear in the composed graph however many times aliases repeat it.
+    """
+    count: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()  # on the current path: reaching one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        nid = id(node)
+        if finished:
+            kids = _children(node)
+            count[nid] = 1 + sum(count[id(k)] for k in kids)
+            depth[nid] = 1 + max((depth[id(k)] for k in kids), default=0)
+            open_.discard(nid)
+            if count[nid] > MAX_NODES:
+                raise _Refused(f"too many nodes after expanding aliases (more than {MAX_NODES}; "
+                               "a config needs a few hundred)")
+            if depth[nid] > MAX_DEPTH:
+                raise _Refused(f"line {node.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels after "
+                               "expanding aliases (a config needs about 5)")
+            continue
+        if nid in count:
+            continue
+        if nid in open_:
+            raise _Refused(f"line {node.start_mark.line + 1}: an alias refers to a collection that contains it")
+        open_.add(nid)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if id(k) not in count)
+
+
+def _duplicate_keys(loader: _Loader, root: yaml.Node, source: str) -> list[str]:
+    """Keys given twice in one mapping: YAML would silently keep the last one. Merge keys (<<) may override."""
+    problems: list[tuple[int, str]] = []
+    walked: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
+        todo: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.SequenceNode):
+            todo = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    todo.append((value_node, path))
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    todo.append((value_node, f"{path}.?" if path else "?"))
+                    continue
+                key = loader.construct_object(key_node)
+                child = f"{path}.{_key(key)}" if path else _key(key)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    problems.append((line, f"{source}: line {line}: duplicate key {child} (first at line "
+                                           f"{first[key]}; YAML would silently keep only the last)"))
+                else:
+                    first[key] = line
+                todo.append((value_node, child))
+        stack.extend(reversed(todo))
+    return [text for _, text in sorted(problems)]
+
+
+def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return (f"{source}: not valid YAML at character {exc.position + 1}: unacceptable character "
+                f"#x{exc.character if isinstance(exc.character, int) else ord(exc.character):04x}")
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    if context and problem and context.startswith("expected"):  # e.g. "expected a single document ..., but found"
+        problem = f"{context}, {problem}"
+    return f"{source}: not valid YAML{where}: {problem}"
+
+
+def _decode(text: str, source: str) -> tuple[Any, list[str]]:
+    """YAML text -> (data, duplicate-key errors); raises ConfigErrors if it cannot be decoded at all."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        _measure(node)
+        duplicates = _duplicate_keys(loader, node, source)
+        return loader.construct_document(node), duplicates
+    except _Refused as exc:
+        raise ConfigErrors([f"{source}: {exc}"]) from None
+    except RecursionError:
+        raise ConfigErrors([f"{source}: nested too deeply to read"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigErrors([_yaml_error(source, exc)]) from None
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. a 5000-digit integer, a 13th month
+        raise ConfigErrors([f"{source}: a value cannot be read: {exc}"]) from None
+    finally:
+        loader.dispose()
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Decode and validate config text; raise ConfigErrors listing every problem."""
+    data, duplicates = _decode(text, source)
+    try:
+        config = parse(data, source)
+    except ConfigErrors as exc:
+        raise ConfigErrors(duplicates + exc.errors) from None
+    if duplicates:
+        raise ConfigErrors(duplicates)
+    return config
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file; raise ConfigErrors listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+        raise ConfigErrors([f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigErrors([f"{path}: larger than {MAX_FILE_BYTES // (1 << 20)} MiB; a config is a few kilobytes"])
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse(data, str(path))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigErrors([f"{path}: not a UTF-8 text file (byte {exc.start})"]) from None
+    return loads(text, str(path))
+
+
+# ---- facts of this host -------------------------------------------------------------------------
+
+def _executable(path: Path) -> Optional[str]:
+    """Why `path` cannot be executed, or None. (os.path's checks never raise, e.g. on EACCES.)"""
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "a directory"
+    if not os.path.isfile(path):
+        return "not a regular file"
+    if not os.access(path, os.X_OK):
+        return "not executable"
+    return None
+
+
+def host_problems(config: Config) -> list[str]:
+    """What in a valid config does not fit this host (interfaces, programs, directories, TLS files).
+
+    Checked where the agent starts, so a node that cannot run a service says so at once instead of
+    claiming it and failing. Looks only at this host: no network traffic.
+    """
+    src = config.source
+    problems: list[str] = []
+    for s in config.services.values():
+        path = f"services.{s.name}"
+        if s.vip and s.interface:
+            try:
+                socket.if_nametoindex(s.interface)
+            except OSError:
+                problems.append(f"{src}: {path}.interface: expected a network interface of this host's network "
+                                f"namespace (got {s.interface!r}: no such interface)")
+        directory_ok = True
+        if s.directory is not None:
+            d = s.directory
+            why = None if os.path.isdir(d) else "not a directory" if os.path.exists(d) else "no such directory"
+            if why is None and not os.access(d, os.X_OK):
+                why = "not accessible"
+            if why:
+                directory_ok = False
+                problems.append(f"{src}: {path}.directory: expected an existing directory (got {_show(s.directory)}: "
+                                f"{why})")
+        program = s.command[0]
+        base = Path(s.directory) if s.directory else Path.cwd()
+        if "/" in program:
+            if program.startswith("/") or directory_ok:
+                why = _executable(base / program)
+                if why:
+                    problems.append(f"{src}: {path}.command: expected an executable program (got {_show(program)}: "
+                                    f"{why})")
+        else:
+            search = s.environment.get("PATH", os.environ.get("PATH", os.defpath))
+            found = any(_executable(base / (d or ".") / program) is None for d in search.split(os.pathsep))
+            if not found:
+                problems.append(f"{src}: {path}.command: expected a program found on the PATH (got {_show(program)}; "
+                                f"PATH={_show(search, 120)})")
+    for key in ("ca_cert", "cert", "key"):
+        name = getattr(config.etcd, key)
+        if name is None:
+            continue
+        why = None if os.path.isfile(name) else "not a regular file" if os.path.exists(name) else "no such file"
+        if why is None:
+            try:
+                with open(name, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                why = (exc.strerror or str(exc)).lower()
+        if why:
+            problems.append(f"{src}: etcd.{key}: expected a readable file (got {_show(name)}: {why})")
+    return problems

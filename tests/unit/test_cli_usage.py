@@ -78,7 +78,7 @@ def test_agent_with_invalid_config_names_file_and_key(tmp_path):
     path.write_text("node: n1\nlease_ttl: 1\n")
     r = run("agent", "--config", str(path))
     clean_exit(r, 1)
-    assert f"{path}: lease_ttl: expected a value >= 2" in r.output
+    assert f"{path}: lease_ttl: expected a whole number of seconds between 2 and 600 (got 1)" in r.output
 
 
 def test_status_with_missing_config_file():

@@ -125,17 +125,33 @@ def test_defaults():
 
 
 def test_defaults_scale_with_lease_ttl():
-    cfg = config.parse({"node": "n1", "lease_ttl": 9}, SRC)
+    cfg = config.parse(doc(lease_ttl=9), SRC)
     assert cfg.keepalive_interval == pytest.approx(2.25)
     assert cfg.fence_margin == pytest.approx(0.6)
-    assert cfg.services == {}
 
 
-def test_empty_document_uses_hostname_and_no_services(monkeypatch):
+def test_node_defaults_to_the_short_hostname(monkeypatch):
     monkeypatch.setattr(config.socket, "gethostname", lambda: "host7.example.org")
-    cfg = config.parse(None, SRC)
+    cfg = config.parse({"services": {"web": svc()}}, SRC)
     assert cfg.node == "host7"
-    assert cfg.services == {}
+
+
+def test_unusable_hostname_asks_for_an_explicit_node(monkeypatch):
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "my host")
+    msg = fail({"services": {"web": svc()}}, "node: expected a name of")
+    assert "set node: explicitly" in msg and "'my host'" in msg
+
+
+def test_empty_document_is_an_error():
+    msg = fail(None, "(top level): expected a mapping with at least a services: section")
+    assert "empty document" in msg
+
+
+@pytest.mark.parametrize("services", [None, {}])
+def test_no_services_is_an_error(services):
+    data = {"node": "n1"} if services is None else {"node": "n1", "services": services}
+    msg = fail(data, "services: expected at least one service")
+    assert "does nothing" in msg
 
 
 def test_single_endpoint_string_becomes_tuple():
@@ -169,9 +185,11 @@ def test_explicit_timings_accepted():
 
 # ---- errors: services ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["a/b", "my web", "web\tx", "-web", "", "x" * 64])
-def test_bad_service_name(name):
-    msg = fail(doc(services={name: svc()}), f"services.{name}: expected a name of")
+@pytest.mark.parametrize("name,shown", [("a/b", "a/b"), ("my web", "my web"), ("web\tx", "'web\\tx'"),
+                                        ("-web", "-web"), ("", "''"), ("x" * 64, "x" * 64), (7, "7")])
+def test_bad_service_name(name, shown):
+    # names that are not plain text are shown as repr(), so an error stays one readable line
+    msg = fail(doc(services={name: svc()}), f"services.{shown}: expected a name of")
     assert "no '/' or whitespace" in msg
 
 
@@ -242,11 +260,11 @@ def test_unknown_etcd_key():
 
 
 @pytest.mark.parametrize("field,value,expect", [
-    ("priority", -1, "a value >= 0"),
+    ("priority", -1, "an integer between 0 and 1000000"),
     ("priority", "high", "an integer"),
     ("priority", True, "an integer"),
     ("priority", 1.5, "an integer"),
-    ("stopwaitsecs", 0, "a value >= 1"),
+    ("stopwaitsecs", 0, "a whole number of seconds between 1 and 3600"),
     ("startretries", "x", "an integer"),
 ])
 def test_bad_service_numbers(field, value, expect):
@@ -276,11 +294,12 @@ def test_top_level_must_be_a_mapping():
 
 @pytest.mark.parametrize("ttl", [0, 1])
 def test_lease_ttl_below_etcd_minimum(ttl):
-    fail(doc(lease_ttl=ttl), "lease_ttl: expected a value >= 2")
+    fail(doc(lease_ttl=ttl), f"lease_ttl: expected a whole number of seconds between 2 and 600 (got {ttl})")
 
 
 def test_lease_ttl_must_be_integer():
-    fail(doc(lease_ttl=2.5), "lease_ttl: expected an integer")
+    fail(doc(lease_ttl=2.5), "lease_ttl: expected a whole number of seconds")
+    fail(doc(lease_ttl=2.0), "lease_ttl: expected a whole number of seconds")  # etcd takes whole seconds
 
 
 def test_fence_margin_plus_keepalive_reaching_ttl():
@@ -305,7 +324,7 @@ def test_etcd_timeout_must_fit_before_fence():
 
 
 def test_fence_margin_minimum():
-    fail(doc(fence_margin=0.05), "fence_margin: expected a value >= 0.1")
+    fail(doc(fence_margin=0.05), "fence_margin: expected a number of seconds between 0.1 and")
 
 
 # ---- errors: etcd --------------------------------------------------------------------------
