@@ -115,6 +115,40 @@ def agent(settings: Settings, agent_config: Optional[str]) -> None:
     sys.exit(code)
 
 
+@main.command("check-config")
+@click.argument("file", required=False, type=click.Path())
+@click.option("--no-host-checks", is_flag=True,
+              help="Only the file itself: skip checking interfaces, programs, directories and TLS files on this host.")
+@click.pass_obj
+@click.pass_context
+def check_config(ctx: click.Context, settings: Settings, file: Optional[str], no_host_checks: bool) -> None:
+    """Check an agent config FILE (default: --config) without etcd, like `keepalived --config-test`.
+
+    Prints every problem at once, one line each, on stderr and exits 1; else
+    prints FILE: OK. Unless --no-host-checks, also checks that this host has the
+    VIP interfaces, programs, directories and TLS files the config names.
+
+    \b
+    Examples:
+      etcdha check-config /etc/etcdha/agent.yaml
+      etcdha check-config --no-host-checks node2.yaml   # written for another host
+    """
+    path = file or settings.config_path
+    if not path:
+        raise click.UsageError("which file? etcdha check-config PATH")
+    try:
+        cfg = config_mod.load(path)
+        problems = [] if no_host_checks else config_mod.host_problems(cfg)
+    except ConfigError as exc:
+        problems = list(getattr(exc, "errors", None) or [str(exc)])
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        ctx.exit(1)
+    names = sorted(cfg.services)
+    click.echo(f"{path}: OK ({len(names)} service{'s' if len(names) != 1 else ''}: {', '.join(names)})")
+
+
 def fail_store(exc: StoreError) -> click.ClickException:
     return click.ClickException(str(exc))
 

@@ -385,8 +385,8 @@ def _run_dir(value: Any, r: _Reader) -> Optional[str]:
                 "the start of a comment)", value)
         return None
     if len(value.encode()) > MAX_RUN_DIR_BYTES:
-        r.error("run_dir", f"a path of at most {MAX_RUN_DIR_BYTES} bytes, so that RUN_DIR/supervisor.sock fits "
-                "the 108 bytes of a unix socket address", f"{len(value.encode())} bytes")
+        r.error("run_dir", f"a path of at most {MAX_RUN_DIR_BYTES} bytes, not {len(value.encode())}, so that "
+                "RUN_DIR/supervisor.sock fits the 108 bytes of a unix socket address", value)
         return None
     return value
 
@@ -597,8 +597,9 @@ def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
 
 def _decode(text: str, source: str) -> tuple[Any, list[str]]:
     """YAML text -> (data, duplicate-key errors); raises ConfigErrors if it cannot be decoded at all."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # its reader refuses unprintable characters right here
         node = loader.get_single_node()
         if node is None:
             return None, []
@@ -614,7 +615,8 @@ def _decode(text: str, source: str) -> tuple[Any, list[str]]:
     except (ValueError, OverflowError, TypeError) as exc:  # e.g. a 5000-digit integer, a 13th month
         raise ConfigErrors([f"{source}: a value cannot be read: {exc}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def loads(text: str, source: str = "<config>") -> Config:
