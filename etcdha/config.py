@@ -671,6 +671,10 @@ def host_problems(config: Config) -> list[str]:
     """
     src = config.source
     problems: list[str] = []
+    try:
+        cwd = Path.cwd()  # where a service without `directory` starts
+    except OSError:
+        cwd = Path("/")
     for s in config.services.values():
         path = f"services.{s.name}"
         if s.vip and s.interface:
@@ -690,7 +694,7 @@ def host_problems(config: Config) -> list[str]:
                 problems.append(f"{src}: {path}.directory: expected an existing directory (got {_show(s.directory)}: "
                                 f"{why})")
         program = s.command[0]
-        base = Path(s.directory) if s.directory else Path.cwd()
+        base = Path(s.directory) if s.directory else cwd
         if "/" in program:
             if program.startswith("/") or directory_ok:
                 why = _executable(base / program)
