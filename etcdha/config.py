@@ -380,9 +380,9 @@ def _run_dir(value: Any, r: _Reader) -> Optional[str]:
     value = r.path(value, "run_dir", "a directory path")
     if value is None:
         return None
-    if re.search(r"[\s;#]", value):
-        r.error("run_dir", "a path without whitespace, ';' or '#' (supervisord's config would read them as "
-                "the start of a comment)", value)
+    if re.search(r"[\s;#%]", value):
+        r.error("run_dir", "a path without whitespace, ';', '#' or '%' (supervisord's config would read the "
+                "first three as the start of a comment, and expands '%' in log file names twice)", value)
         return None
     if len(value.encode()) > MAX_RUN_DIR_BYTES:
         r.error("run_dir", f"a path of at most {MAX_RUN_DIR_BYTES} bytes, not {len(value.encode())}, so that "

@@ -310,9 +310,9 @@ def test_run_dir_length_limit():
     only_error(doc(run_dir="/" + "é" * 40), "run_dir: expected a path of at most 80 bytes")  # 81 bytes, 41 chars
 
 
-@pytest.mark.parametrize("value", ["/run/etc dha", "/run/etcdha\u00a0x", "/run/a;b", "/run/a#b"])
+@pytest.mark.parametrize("value", ["/run/etc dha", "/run/etcdha\u00a0x", "/run/a;b", "/run/a#b", "/run/100%"])
 def test_run_dir_without_comment_characters(value):
-    line = only_error(doc(run_dir=value), "run_dir: expected a path without whitespace, ';' or '#'")
+    line = only_error(doc(run_dir=value), "run_dir: expected a path without whitespace, ';', '#' or '%'")
     assert "comment" in line
 
 

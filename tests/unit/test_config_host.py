@@ -3,6 +3,10 @@ directories, TLS files), each problem one line naming file and key path."""
 from __future__ import annotations
 
 import os
+import sys
+import shutil
+import tempfile
+import json
 import socket
 from pathlib import Path
 
@@ -136,13 +140,35 @@ def test_tls_files(tmp_path):
         f"{SRC}: etcd.key: expected a readable file (got '{tmp_path}': not a regular file)"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_tls_file(tmp_path):
-    key = tmp_path / "key.pem"
-    key.write_text("x")
-    key.chmod(0)
-    found = problems({"web": {"command": "/bin/sh"}}, etcd={"key": str(key)})
-    assert found == [f"{SRC}: etcd.key: expected a readable file (got '{key}': permission denied)"]
+def test_unreadable_tls_file():
+    where = Path(tempfile.mkdtemp(prefix="ehk-", dir="/tmp"))  # not under pytest's 0700 tmp dir
+    try:
+        where.chmod(0o755)
+        key = where / "key.pem"
+        key.write_text("x")
+        key.chmod(0)
+        cfg_ = cfg({"web": {"command": "/bin/sh"}}, etcd={"key": str(key)})
+        expected = [f"{SRC}: etcd.key: expected a readable file (got '{key}': permission denied)"]
+        if os.geteuid() != 0:
+            assert config.host_problems(cfg_) == expected
+            return
+        # root reads any file: check as an unprivileged user instead, in a forked child
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(write_end, json.dumps(config.host_problems(cfg_)).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            got = f.read()
+        os.waitpid(pid, 0)
+        assert json.loads(got) == expected
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_every_problem_reported(tmp_path):
