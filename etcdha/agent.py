@@ -16,14 +16,13 @@ import threading
 import time
 from typing import Callable, Optional
 
-from etcdha import decide, model, vip
-from etcdha.config import Config, Service
+from etcdha import decide, model
+from etcdha.actuator import Actuator, Local
+from etcdha.config import Config, Service, host_problems
 from etcdha.decide import Action, Kind, Reason
-from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
-from etcdha.fence import FenceClient
+from etcdha.errors import ActuatorError, ConfigError, StoreError
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
-from etcdha.supervisord import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,13 @@ class Agent:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.store = Store(config.etcd)
-        self.supervisor = Supervisor(config)
-        self.fence: Optional[FenceClient] = None
+        self.hands = Actuator(config, wake=self.wake.set)
         self.lease: Optional[Lease] = None
         self.watcher = None
         self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
-        self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
         self.vacant_since: dict[str, float] = {}
-        self.published: Optional[dict[str, str]] = None
-        self.known_pids: dict[str, int] = {}
+        self.published: Optional[dict] = None
+        self.local = Local({}, {}, frozenset())
         self.etcd_ok = True
         self.problems: set[str] = set()  # garbage keys already reported
         self.started = time.time()
@@ -83,9 +80,11 @@ class Agent:
         if len(c.etcd.endpoints) > 1 and c.lease_ttl < 3:
             log.warning("lease_ttl %ss with a multi-member etcd: renewals stop for the ~1-1.5 s of an etcd leader "
                         "election, so every owner will fence itself when the etcd leader changes; use >= 3", c.lease_ttl)
-        for removed in vip.remove_all(c.vips):
-            log.warning("removed leftover VIP %s (we own nothing yet)", removed)
-        self.start_runtime()
+        problems = host_problems(c)  # e.g. a missing program: refuse now, not at every node's claim in turn
+        if problems:
+            raise ConfigError("\n".join(problems))
+        self.hands.prepare()  # leftovers of a previous run die before we can join
+        self.hands.start_runtime()
         try:
             if not self.join():
                 return 0
@@ -101,18 +100,6 @@ class Agent:
             self.shutdown()
         return 0
 
-    def start_runtime(self) -> None:
-        """Fence first, supervisord under it: nothing can run here that the fence cannot kill."""
-        self.supervisor.prepare()
-        self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.supervisor.command())
-        pid = self.fence.start()
-        self.supervisor.wait_ready()
-        log.info("fence pid %d, supervisord pid %d", self.fence.proc.pid, pid)
-
-    def feed_fence(self, deadline: float) -> None:
-        if self.fence is not None:
-            self.fence.feed(deadline)
-
     def join(self) -> bool:
         """Grant our lease and register; retry until etcd answers. False if asked to stop meanwhile.
 
@@ -125,7 +112,7 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 self.lease = Lease(self.store, self.config.lease_ttl, self.config.keepalive_interval,
-                                   on_renew=self.feed_fence, on_change=lambda _s: self.wake.set(),
+                                   on_renew=self.hands.feed, on_change=lambda _s: self.wake.set(),
                                    clock=self.clock)
                 lease_id = self.lease.grant()
                 held = self.store.register(self.config.node, lease_id, self.node_value({}), {
@@ -167,56 +154,52 @@ class Agent:
         sd_notify("WATCHDOG=1\nSTATUS=waiting for the node name to be free")
 
     def recover(self, why: str) -> None:
-        """LOST: make sure nothing runs here, then start again with a new lease."""
+        """LOST or fenced: make sure nothing runs here, then start again with a new lease.
+
+        The lease is revoked (others take over at once) only after every service cgroup
+        is verified empty; while processes survive SIGKILL we neither revoke nor rejoin,
+        and the lease simply runs out.
+        """
         log.error("%s: stopping everything here and rejoining with a new lease", why)
         self.lease.stop()
-        if self.fence.alive():
-            self.fence.fire()
-        else:
-            self.kill_known_programs()
-        for removed in vip.remove_all(self.config.vips):
-            log.warning("removed VIP %s", removed)
+        for attempt in range(1, 1_000_000):  # bounded; each round waits up to KILL_GRACE
+            if self.hands.fence_now():
+                break
+            log.error("service processes survive SIGKILL in %s (attempt %d): not rejoining while they run",
+                      self.hands.cgroups.services_dir, attempt)
+            sd_notify("WATCHDOG=1\nSTATUS=waiting for service processes to die")
+            if self.stopping.wait(1.0):
+                return
         try:
             self.store.revoke(self.lease.id)  # if etcd still has it, let others take over at once
         except StoreError:
             pass
-        self.start_runtime()
+        self.hands.start_runtime()
         if self.join():
             for service, token in self.owned.items():
                 self.record(service, "fenced", why, token)
         self.owned = {}
 
-    def kill_known_programs(self) -> None:
-        """The fence is gone (killed?): kill the program groups we last saw ourselves."""
-        for name, pid in self.known_pids.items():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-                log.warning("killed the process group of %s (pid %d)", name, pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-
     def shutdown(self) -> None:
-        """Graceful: stop programs, drop VIPs, then revoke the lease so others take over at once."""
+        """Graceful: stop programs (cgroups verified empty), drop VIPs, then revoke the lease."""
         log.info("shutting down: stopping services and handing them over")
         sd_notify("STOPPING=1")
         if self.watcher is not None:
             self.watcher.stop()
-        try:
-            self.supervisor.stop_all()
-        except EtcdhaError as exc:
-            log.warning("stopping programs: %s", exc)
-        for removed in vip.remove_all(self.config.vips):
-            log.info("removed VIP %s", removed)
-        for service, token in self.owned.items():
-            self.record(service, "released", "agent stopped", token)
-        if self.lease is not None and self.lease.id:
+        empty = self.hands.stop_all() or self.hands.fence_now()
+        if empty:
+            for service, token in self.owned.items():
+                self.record(service, "released", "agent stopped", token)
+        if self.lease is not None and self.lease.id and empty:
             try:
                 self.lease.revoke()
                 log.info("revoked lease %x", self.lease.id)
             except StoreError as exc:
                 log.warning("could not revoke the lease (others take over after its TTL): %s", exc)
-        if self.fence is not None:
-            self.fence.quit()
+        elif self.lease is not None:
+            self.lease.stop()
+            log.error("service processes survive SIGKILL: not revoking the lease (it runs out after its TTL)")
+        self.hands.shutdown()
         self.store.close()
 
     # ---- one cycle --------------------------------------------------------------------------------
@@ -230,8 +213,7 @@ class Agent:
             return
         view = self.read_view()
         try:
-            programs = self.supervisor.states()
-            self.known_pids = self.supervisor.pids()
+            self.local = local = self.hands.observe()
         except ActuatorError as exc:
             log.error("cannot read program states: %s", exc)
             self._next_wait = decide.FAST_TICK
@@ -247,7 +229,8 @@ class Agent:
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
         facts = decide.Facts(
             me=self.config.node, lease=self.lease.id, lease_state=state, now=now,
-            priorities=self.priorities(), programs=programs, vips_up=self.vips_up(),
+            priorities=self.priorities(), programs=local.programs, processes=local.processes,
+            vips_up=local.vips_up,
             with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
             wall_now=time.time(), vacant_since=dict(self.vacant_since),
             claim_delay=self.config.claim_delay, claims_from=self.claims_from)
@@ -255,9 +238,10 @@ class Agent:
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
         for action in plan.actions:
-            self.execute(action)
+            if not self.execute(action):
+                break  # we fenced ourselves: the rest of the plan is void
         if view is not None:
-            self.publish(view, programs)
+            self.publish(view, local)
             if not self.ready:
                 self.ready = True
                 sd_notify(f"READY=1\nSTATUS=joined as {self.config.node}")
@@ -268,8 +252,8 @@ class Agent:
 
     def lost(self) -> bool:
         """If the fence has fired or the lease is gone, recover (True); nothing else may run then."""
-        if not self.fence.alive():
-            self.recover("the fence process exited (" + "; ".join(self.fence.messages[-1:]) + ")")
+        if not self.hands.runtime_alive():
+            self.recover(f"the fence process exited ({self.hands.runtime_exit()})")
             return True
         if self.lease.poll() is LeaseState.LOST:
             self.recover(f"lease {self.lease.id:x} lost")
@@ -295,39 +279,25 @@ class Agent:
     def priorities(self) -> dict[str, int]:
         return {name: s.priority for name, s in self.config.services.items()}
 
-    def vips_up(self) -> frozenset[str]:
-        up = set()
-        by_interface: dict[str, set[str]] = {}
-        for s in self.config.services.values():
-            if s.vip is None:
-                continue
-            if s.interface not in by_interface:
-                try:
-                    by_interface[s.interface] = {a.split("/")[0] for a in vip.addresses(s.interface)}
-                except ActuatorError:
-                    by_interface[s.interface] = set()
-            if str(s.vip.ip) in by_interface[s.interface]:
-                up.add(s.name)
-        return frozenset(up)
-
     # ---- actions --------------------------------------------------------------------------------
 
     def candidate_value(self, service: Service) -> bytes:
         return model.encode_candidate(service.priority, str(service.vip) if service.vip else None)
 
-    def node_value(self, programs: dict[str, str]) -> bytes:
+    def node_value(self, programs: dict[str, str], processes: Optional[dict[str, int]] = None) -> bytes:
         return model.encode_node(self.config.node, self.lease.id if self.lease else 0, os.getpid(),
-                                 self.started, programs)
+                                 self.started, programs, processes or {})
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: Action) -> bool:
+        """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
         service = self.config.services[action.service]
         prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
-        if action.kind in (Kind.CLAIM, Kind.START) and not (self.fence.alive() and
+        if action.kind in (Kind.CLAIM, Kind.START) and not (self.hands.runtime_alive() and
                                                               self.lease.poll() is LeaseState.OK):
             # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing
             log.warning("not doing %s: the lease is no longer healthy", action)
             self.wake.set()
-            return
+            return True
         try:
             if action.kind is Kind.ENROLL:
                 self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
@@ -341,25 +311,37 @@ class Agent:
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
             elif action.kind is Kind.START:
-                self.start(service, action.token)
+                try:
+                    self.hands.start(service, action.token)
+                except (ConfigError, ActuatorError) as exc:
+                    log.error("%s failed: %s", action, exc)
+                    self.release(service, str(exc), action.token)
             elif action.kind is Kind.STOP:
-                self.stop(service)
+                self.hands.stop(service)
             elif action.kind is Kind.RELEASE:
-                self.release(service, "supervisord reports FATAL", action.token)
+                self.release(service, self.failure(action), action.token)
             elif action.kind is Kind.HANDOFF:
-                self.stop(service)
+                self.hands.stop(service)  # raises unless the cgroup is empty and the VIP gone
                 if self.store.release(service.name, lease):
                     log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
                     self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}")
             elif action.kind is Kind.REQUEST_MOVE:
                 if self.store.request_move(service.name, me, action.target, action.token, self.config.move_timeout):
                     log.info("drained: asked to move %s to %s", service.name, action.target)
-        except (ConfigError, ActuatorError) as exc:
-            log.error("%s failed: %s", action, exc)
-            if action.kind is Kind.START:
-                self.release(service, str(exc), action.token)
+        except (ConfigError, ActuatorError) as exc:  # a stop that did not hold: nothing may be released
+            self.recover(f"{action} failed, fencing this node: {exc}")
+            return False
         except StoreError as exc:
             log.error("%s failed: %s", action, exc)
+        return True
+
+    def failure(self, action: Action) -> str:
+        """The reason recorded in history when we give a service up."""
+        if action.reason is Reason.DAEMONIZED:
+            left = self.local.processes.get(action.service, 0)
+            return (f"program daemonized: supervisord's process exited while {left} process(es) remain in its "
+                    "cgroup; run it in the foreground (e.g. nginx -g 'daemon off;')")
+        return "supervisord reports FATAL"
 
     def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
         """Append to the service's history in etcd; history is best effort, never blocks a decision."""
@@ -370,36 +352,13 @@ class Agent:
         except StoreError as exc:
             log.warning("could not record %s %s in history: %s", event, service, exc)
 
-    def start(self, service: Service, token: int) -> None:
-        if service.vip:
-            cidr = str(service.vip)
-            if not vip.present(service.interface, cidr):
-                other = vip.in_use_elsewhere(service.interface, cidr)
-                if other:
-                    raise ActuatorError(f"VIP {service.vip.ip} is already answered on {service.interface} by "
-                                        f"{other} (not an etcdha owner?); refusing to add a duplicate")
-            if vip.add(service.interface, cidr):
-                log.info("added VIP %s on %s", service.vip, service.interface)
-            self.announcing[service.name] = vip.announce(service.interface, cidr)
-        self.supervisor.start(service, token)
-        log.info("started %s (fencing token %d)", service.name, token)
-
-    def stop(self, service: Service) -> None:
-        self.supervisor.stop(service)
-        if service.name in self.announcing:
-            self.announcing.pop(service.name).set()
-        if service.vip and vip.remove(service.interface, str(service.vip)):
-            log.info("removed VIP %s from %s", service.vip, service.interface)
-        log.info("stopped %s", service.name)
-
     def release(self, service: Service, why: str, token: int = 0) -> None:
-        """Give up a service that fails here: stop, drop VIP, step aside for a while, delete the owner key."""
-        try:
-            self.stop(service)
-        except ActuatorError as exc:
-            log.error("stopping %s: %s", service.name, exc)
-            if service.vip:
-                vip.remove(service.interface, str(service.vip))
+        """Give up a service that fails here: stop (verified), step aside for a while, delete the owner key.
+
+        Raises ActuatorError if the stop did not hold: then the key stays ours and the
+        caller fences this node.
+        """
+        self.hands.stop(service)
         prefix, me = self.config.etcd.prefix, self.config.node
         until = time.time() + self.config.failure_cooldown
         try:
@@ -414,14 +373,15 @@ class Agent:
         log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
                     service.name, why, self.config.failure_cooldown, service.name)
 
-    def publish(self, view: model.ClusterView, programs: dict[str, str]) -> None:
-        """Keep our node key current (program states), re-creating it if it vanished."""
-        states = {s: programs.get(s, "STOPPED") for s in self.config.services}
-        if states == self.published and self.config.node in view.nodes:
+    def publish(self, view: model.ClusterView, local: Local) -> None:
+        """Keep our node key current (program states, processes per cgroup), re-creating it if it vanished."""
+        states = {s: local.programs.get(s, "STOPPED") for s in self.config.services}
+        processes = {s: local.processes.get(s, 0) for s in self.config.services}
+        if {"states": states, "processes": processes} == self.published and self.config.node in view.nodes:
             return
         try:
             self.store.put(model.node_key(self.config.etcd.prefix, self.config.node),
-                           self.node_value(states), self.lease.id)
-            self.published = states
+                           self.node_value(states, processes), self.lease.id)
+            self.published = {"states": states, "processes": processes}
         except StoreError as exc:
             log.debug("publishing status: %s", exc)

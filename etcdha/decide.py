@@ -15,6 +15,9 @@ from etcdha.model import ClusterView, Owner
 ACTIVE = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 # states where we should look again soon, because supervisord is about to decide
 TRANSITIONAL = frozenset({"STARTING", "BACKOFF", "STOPPING"})
+# states in which supervisord has no process of the program and will not start one by itself
+# (BACKOFF is left out: supervisord respawns from it, so a process may be seen before its state)
+NO_PROCESS = frozenset({"STOPPED", "EXITED", "FATAL"})
 FAST_TICK = 0.2
 PROGRAM_POLL = 0.5  # how soon we look again at a program we run (a crash is restarted by us)
 
@@ -35,6 +38,7 @@ class Reason(enum.Enum):
     OWNER = "owner"              # we own it; it should run here
     NOT_OWNER = "not-owner"      # someone else (or nobody) owns it; it must not run here
     FAILED = "failed"            # supervisord gave up on the program (FATAL)
+    DAEMONIZED = "daemonized"    # the program exited but processes it started live on in its cgroup
     COOLDOWN = "cooldown"        # failed here recently; let other nodes take it
     CANDIDATE = "candidate"      # we can run it and are not yet registered
     MOVED = "moved"              # an operator asked for a planned move
@@ -65,6 +69,7 @@ class Facts:
     now: float
     priorities: Mapping[str, int]                     # services this node can run
     programs: Mapping[str, str] = field(default_factory=dict)  # service -> supervisord state
+    processes: Mapping[str, int] = field(default_factory=dict)  # service -> processes in its cgroup (read after programs)
     vips_up: frozenset[str] = frozenset()             # services whose VIP is on our interface
     with_vip: frozenset[str] = frozenset()            # services that have a VIP at all
     wall_now: float = 0.0                             # wall clock, for cooldowns written to etcd
@@ -131,7 +136,10 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         owner = view.owners.get(svc)
         move = view.moves.get(svc)
         program = f.programs.get(svc, "STOPPED")
-        running_here = program in ACTIVE or svc in f.vips_up
+        processes = f.processes.get(svc, 0)
+        # supervisord has no process, yet its cgroup does: something the program started lives on
+        leftover = processes > 0 and program in NO_PROCESS
+        running_here = program in ACTIVE or svc in f.vips_up or processes > 0
         cool_until = view.cooldowns.get((svc, f.me), 0.0)
         cooling = cool_until > f.wall_now
         if program in TRANSITIONAL:
@@ -152,7 +160,9 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
             # a drained node moves one service at a time; one nobody else can run stays (and runs) here
             home = (_next_home(view, svc, f.me, f.wall_now)
                     if drained and healthy and move is None and not moving_away else None)
-            if program == "FATAL":
+            if leftover:
+                actions.append(Action(Kind.RELEASE, svc, Reason.DAEMONIZED, token=owner.token))
+            elif program == "FATAL":
                 actions.append(Action(Kind.RELEASE, svc, Reason.FAILED, token=owner.token))
             elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
                 actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
@@ -169,6 +179,8 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
             continue
         if running_here:
             actions.append(Action(Kind.STOP, svc, Reason.NOT_OWNER))
+            wakes.append(FAST_TICK)  # claim only once it is verified stopped here: next cycle
+            continue
         if owner is not None or not healthy or cooling or drained:
             continue
         if move is not None:

@@ -1,19 +1,24 @@
 """The fence: a separate small process that enforces the lease deadline even if the agent cannot.
 
 The agent starts it (`python -m etcdha.fence ...`) with a pipe; the fence starts
-supervisord as its child and becomes a child subreaper, so every program and any
-orphan below it stays its descendant. The agent feeds it `deadline T` lines
-(monotonic seconds, from the lease). The fence fires when
+supervisord as its child (which dies with it: PR_SET_PDEATHSIG) and becomes a
+child subreaper. The agent feeds it `deadline T` lines (monotonic seconds, from
+the lease). The fence fires when
 
 - the deadline minus the margin passes (agent hung, SIGSTOPped, or etcd unreachable),
-- the pipe closes (the agent died), or supervisord exits, or the agent asks (`fire`).
+- the pipe closes (the agent died), or supervisord exits (seen at once through a
+  pidfd), or the agent asks (`fire`).
 
-Firing freezes supervisord, SIGKILLs every descendant process group, removes every
-configured VIP, prints `fired REASON ...` and exits 3. Safety wins over grace: a
-program gets no SIGTERM from the fence. `quit` is the graceful path: supervisord
-is asked to stop, leftovers are killed, and the fence exits 0.
+Firing stops supervisord from spawning (SIGSTOP), kills the node's whole service
+cgroup subtree with one `cgroup.kill` write, SIGKILLs its own descendants (a
+launcher between fork and entering its cgroup is one), kills the subtree once
+more, removes every configured VIP with one netlink request each, verifies that
+the subtree is empty, prints `fired REASON ...` and exits 3. Safety wins over
+grace: a program gets no SIGTERM from the fence. `quit` is the graceful path:
+supervisord is asked to stop, leftovers are killed, and the fence exits 0.
 
-This module runs in its own process: it imports no gRPC and starts no threads.
+It runs with oom_score_adj -1000 (the OOM killer picks a program, never the
+fence; supervisord goes back to 0), imports only the stdlib, and starts no threads.
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
+from etcdha import cgroup, netlink
 from etcdha.errors import ActuatorError
 
 log = logging.getLogger(__name__)
@@ -36,12 +43,27 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 FIRED_EXIT = 3
+VERIFY_TIMEOUT = 2.0  # how long the fence waits for the killed subtree to be empty
 
 
 def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl failed")
+
+
+def _oom_score_adj(value: int) -> None:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(value))
+
+
+def _supervisord_preexec() -> None:
+    """In supervisord before exec: die with the fence; be an ordinary OOM victim again."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        _oom_score_adj(0)
+    except OSError:
+        pass
 
 
 def descendants(root: int) -> list[int]:
@@ -76,22 +98,29 @@ def say(message: str) -> None:
 
 
 class Fence:
-    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], command: Sequence[str]):
+    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path, command: Sequence[str]):
         self.margin = margin
         self.vips = list(vips)
+        self.services = services  # the node's service cgroup subtree
         self.command = list(command)
         self.deadline: Optional[float] = None
         self.child: Optional[subprocess.Popen] = None
         self.child_exited = False
+        self.pidfd = -1
+        self.warnings: list[str] = []  # said after "ready" (the agent reads that line first)
 
     def start_child(self) -> None:
         self.child = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True,
-            preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+            preexec_fn=_supervisord_preexec)
+        try:
+            self.pidfd = os.pidfd_open(self.child.pid)  # readable the moment supervisord exits
+        except (AttributeError, OSError):
+            self.pidfd = -1  # Python < 3.9 or kernel < 5.3: the 0.2 s poll below still notices
 
     def reap(self) -> None:
         """Collect exited children (we are a subreaper, orphans land here)."""
-        while True:
+        for _ in range(10000):
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -101,26 +130,9 @@ class Fence:
             if self.child is not None and pid == self.child.pid:
                 self.child_exited = True
 
-    def kill_everything(self) -> int:
-        """Freeze supervisord, then SIGKILL every descendant and its process group."""
-        if self.child is not None and not self.child_exited:
-            try:
-                os.kill(self.child.pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+    def kill_descendants(self) -> int:
+        """SIGKILL every process below us (supervisord, and a launcher not yet in its cgroup)."""
         victims = descendants(os.getpid())
-        own_group = os.getpgid(0)
-        groups = set()
-        for pid in victims:
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-        for group in groups - {own_group}:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -128,33 +140,51 @@ class Fence:
                 pass
         return len(victims)
 
-    def fire(self, reason: str) -> int:
-        from etcdha import vip  # pyroute2 is imported only when needed: keeps the fence start fast
+    def kill_everything(self) -> tuple[int, bool]:
+        """Stop supervisord spawning, kill the service subtree and our descendants; (processes, empty?)."""
+        if self.child is not None and not self.child_exited:
+            try:
+                os.kill(self.child.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        count = len(cgroup.pids(self.services))
+        errors = []
+        for _ in range(2):  # again after the descendants: one may have entered its cgroup meanwhile
+            try:
+                cgroup.kill(self.services)
+            except ActuatorError as exc:
+                errors.append(str(exc))
+            count += self.kill_descendants()
+        empty = cgroup.wait_empty(self.services, VERIFY_TIMEOUT)
+        for error in errors:
+            say(f"error {error}")
+        return count, empty
 
+    def fire(self, reason: str) -> int:
         started = time.monotonic()
         late = "" if self.deadline is None else f", {self.deadline - started:.3f}s before the lease deadline"
-        killed = self.kill_everything()
-        removed = vip.remove_all(self.vips)
-        time.sleep(0.05)
+        killed, empty = self.kill_everything()
+        removed, errors = netlink.delete_addresses(self.vips)
         self.reap()
         took = (time.monotonic() - started) * 1000
-        say(f"fired {reason}: killed {killed} processes, removed {removed or 'no VIPs'} in {took:.0f}ms{late}")
+        left = "" if empty else f"; {len(cgroup.pids(self.services))} PROCESSES SURVIVE in {self.services}"
+        failed = "" if not errors else f"; VIP removal failed: {'; '.join(errors)}"
+        say(f"fired {reason}: killed {killed} processes, removed {removed or 'no VIPs'} "
+            f"in {took:.0f}ms{late}{left}{failed}")
         return FIRED_EXIT
 
     def quit(self) -> int:
         """Graceful: ask supervisord to stop its programs, then make sure nothing is left."""
-        from etcdha import vip
-
         if self.child is not None and not self.child_exited:
             self.child.send_signal(signal.SIGTERM)
             end = time.monotonic() + 30
             while not self.child_exited and time.monotonic() < end:
                 self.reap()
                 time.sleep(0.05)
-        self.kill_everything()
-        vip.remove_all(self.vips)
+        _, empty = self.kill_everything()
+        netlink.delete_addresses(self.vips)
         self.reap()
-        say("quit")
+        say("quit" if empty else f"quit; {len(cgroup.pids(self.services))} PROCESSES SURVIVE in {self.services}")
         return 0
 
     def run(self) -> int:
@@ -164,11 +194,17 @@ class Fence:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(self.fire("fence got SIGTERM")))
         self.start_child()
         say(f"ready {self.child.pid}")
+        for warning in self.warnings:
+            say(f"warning: {warning}")
+        watched = [stdin] + ([self.pidfd] if self.pidfd >= 0 else [])
         while True:
             now = time.monotonic()
             wait = 0.2 if self.deadline is None else min(0.2, max(0.0, self.deadline - self.margin - now))
-            readable, _, _ = select.select([stdin], [], [], wait)
-            if readable:
+            readable, _, _ = select.select(watched, [], [], wait)
+            if self.pidfd in readable:
+                self.reap()
+                return self.fire("supervisord exited")
+            if stdin in readable:
                 data = os.read(stdin, 4096)
                 if not data:
                     return self.fire("agent gone (its pipe closed)")
@@ -192,23 +228,37 @@ class Fence:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="etcdha-fence", description=__doc__.splitlines()[0])
     parser.add_argument("--margin", type=float, required=True)
+    parser.add_argument("--cgroup", type=Path, required=True, help="the node's service cgroup subtree")
     parser.add_argument("--vip", nargs=2, action="append", default=[], metavar=("INTERFACE", "CIDR"))
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    return Fence(args.margin, [tuple(v) for v in args.vip], args.command).run()
+    fence = Fence(args.margin, [tuple(v) for v in args.vip], args.cgroup, args.command)
+    try:
+        _oom_score_adj(-1000)
+    except OSError as exc:
+        fence.warnings.append(f"cannot set oom_score_adj -1000 ({exc.strerror}; needs CAP_SYS_RESOURCE): "
+                              "the OOM killer may pick the fence")
+    return fence.run()
 
 
 class FenceClient:
-    """The agent's side: start the fence (and through it supervisord), feed it, stop it."""
+    """The agent's side: start the fence (and through it supervisord), feed it, stop it.
 
-    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], supervisord_command: Sequence[str]):
-        argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin)]
+    `on_exit` runs on the reader thread the moment the fence's stdout closes (it
+    exited, fired or was killed): the agent empties the service cgroups from there
+    at once instead of waiting for its loop.
+    """
+
+    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path,
+                 supervisord_command: Sequence[str], on_exit: Callable[[], None] = lambda: None):
+        argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin), "--cgroup", str(services)]
         for interface, cidr in vips:
             argv += ["--vip", interface, cidr]
         self.argv = argv + ["--", *supervisord_command]
         self.proc: Optional[subprocess.Popen] = None
         self.messages: list[str] = []
+        self.on_exit = on_exit
         self._lock = threading.Lock()
 
     def start(self, timeout: float = 10.0) -> int:
@@ -227,7 +277,11 @@ class FenceClient:
         for raw in self.proc.stdout:
             msg = raw.decode(errors="replace").strip()
             self.messages.append(msg)
-            log.warning("fence: %s", msg) if msg.startswith("fired") else log.info("fence: %s", msg)
+            if msg.startswith("fired") or "SURVIVE" in msg or msg.startswith(("error", "warning")):
+                log.warning("fence: %s", msg)
+            else:
+                log.info("fence: %s", msg)
+        self.on_exit()
 
     def _send(self, line: str) -> bool:
         with self._lock:

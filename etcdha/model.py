@@ -7,6 +7,7 @@ node, so nobody starts a second copy on the strength of a corrupt key).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -79,6 +80,19 @@ def history_prefix(prefix: str, service: str = "") -> str:
     return f"{prefix}/history/{service + '/' if service else ''}"
 
 
+HISTORY_ID_RE = re.compile(r"[0-9]{17}-[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def history_id(event: "Event") -> str:
+    """The last segment of a history key: microseconds (sortable) and the node."""
+    return f"{int(event.time * 1e6):017d}-{event.node}"
+
+
+def is_history_id(segment: str) -> bool:
+    """True only for the segments `history_id` writes (pruning touches nothing else)."""
+    return HISTORY_ID_RE.fullmatch(segment) is not None
+
+
 # ---- value objects -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class NodeInfo:
     pid: int = 0
     started: float = 0.0
     services: Mapping[str, str] = field(default_factory=dict)  # service -> local program state
+    processes: Mapping[str, int] = field(default_factory=dict)  # service -> processes in its cgroup
 
 
 @dataclass(frozen=True)
@@ -187,9 +202,10 @@ def encode_service(vip: Optional[str]) -> bytes:
     return encode({"vip": vip})
 
 
-def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str]) -> bytes:
+def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str],
+                processes: Mapping[str, int] = {}) -> bytes:  # noqa: B006 - read only
     return encode({"node": node, "lease": f"{lease:x}", "pid": pid, "started": round(started, 3),
-                   "services": dict(services)})
+                   "services": dict(services), "processes": dict(processes)})
 
 
 def encode_move(to: str, source: str, token: int, requested: float) -> bytes:
@@ -269,9 +285,11 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
             if data is None:
                 continue
             states = data.get("services") if isinstance(data.get("services"), dict) else {}
+            counts = data.get("processes") if isinstance(data.get("processes"), dict) else {}
             nodes[rest[0]] = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
                                       started=_num(data.get("started")),
-                                      services={str(k): str(v) for k, v in states.items()})
+                                      services={str(k): str(v) for k, v in states.items()},
+                                      processes={str(k): int(_num(v)) for k, v in counts.items()})
         elif kind == "candidates" and len(rest) == 2:
             data = _json(kv, problems)
             prio = data.get("priority") if data else None

@@ -308,15 +308,22 @@ class Store:
 
     @_translate
     def record(self, event: model.Event, keep: int = 100) -> None:
-        """Append a history entry for event.service and drop the oldest beyond `keep`."""
+        """Append a history entry for event.service and drop the oldest beyond `keep`.
+
+        Deletes exact keys only, and only keys of the form this function writes: a
+        range delete could reach keys that are not ours (another cluster whose prefix
+        happens to lie inside our history subtree).
+        """
         base = model.history_prefix(self.prefix, event.service)
-        self.put(f"{base}{int(event.time * 1e6):017d}-{event.node}", model.encode_event(event))
+        self.put(f"{base}{model.history_id(event)}", model.encode_event(event))
         start = base.encode()
         resp = self.kv.Range(etcdrpc.RangeRequest(key=start, range_end=prefix_end(start), keys_only=True),
                              timeout=self.timeout)
-        if resp.count > keep:
-            cutoff = sorted(kv.key for kv in resp.kvs)[resp.count - keep]
-            self.kv.DeleteRange(etcdrpc.DeleteRangeRequest(key=start, range_end=cutoff), timeout=self.timeout)
+        ours = sorted(kv.key for kv in resp.kvs if model.is_history_id(kv.key[len(start):].decode(errors="replace")))
+        stale = ours[:max(0, len(ours) - keep)]
+        for i in range(0, len(stale), 64):  # well inside etcd's default --max-txn-ops (128)
+            self._txn([], [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
+                           for key in stale[i:i + 64]])
 
     def history(self, service: str = "") -> list[model.Event]:
         """History entries, oldest first (all services, or one)."""

@@ -1,21 +1,31 @@
-"""The agent's own supervisord: generated config files and XML-RPC over a unix socket.
+"""The agent's own supervisord: static program sections, launch specs, XML-RPC over a unix socket.
 
-supervisord itself is started by the fence process (so the fence can kill it and
-everything below it); this module writes its config and drives it. Programs are
-generated with autostart=false and autorestart=false: a restarted supervisord
-never starts a copy on its own, and restarting a crashed program is the agent's
-decision (it must not happen while the service is paused). Supervisor faults are mapped to outcomes in `_call` only.
+supervisord itself is started by the fence process (so the fence can kill it);
+this module writes its config and drives it. Every program section is the same
+safe line - our launcher (`launch.py`) with the path of a JSON spec - written once
+when supervisord starts, so a start is "write the spec, startProcess" (no
+reloadConfig) and no value of the operator's config ever passes through
+supervisord's ini parser (no `%` expansion, no inline `;` comments, no injected
+sections). The launcher puts the program in its service's cgroup before exec.
+
+Programs are generated with autostart=false and autorestart=false: a restarted
+supervisord never starts a copy on its own, and restarting a crashed program is
+the agent's decision (it must not happen while the service is paused).
+Supervisor faults are mapped to outcomes in `_call` only.
 """
 from __future__ import annotations
 
 import http.client
+import json
 import logging
+import os
 import shlex
 import socket
 import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Mapping
 
 from etcdha.config import Config, Service
 from etcdha.errors import ActuatorError, ConfigError
@@ -55,22 +65,19 @@ def _quote_value(value: str) -> str:
     return value.replace("%", "%%")
 
 
-def _env_quote(value: str) -> str:
-    return f"'{value}'" if '"' in value else f'"{value}"'
+LAUNCHER = Path(__file__).with_name("launch.py")
 
 
-def program_section(service: Service, node: str, token: int, log_dir: Path) -> str:
-    """The [program:x] section for one service, with the fencing token in its environment."""
-    env = {**service.environment, "ETCDHA_SERVICE": service.name, "ETCDHA_NODE": node,
-           "ETCDHA_FENCING_TOKEN": str(token)}
-    if service.vip:
-        env["ETCDHA_VIP"] = str(service.vip.ip)
-    # supervisord splits this with a non-POSIX shlex: no escapes, quotes kept then stripped.
-    # config.py rejects values that cannot be written this way.
-    env_items = ",".join(f"{k}={_env_quote(_quote_value(v))}" for k, v in sorted(env.items()))
+def launcher_command(spec: Path) -> list[str]:
+    """How supervisord runs a service: our stdlib-only launcher, without site-packages, for speed."""
+    return [sys.executable, "-I", "-S", str(LAUNCHER), str(spec)]
+
+
+def program_section(service: Service, spec: Path, log_dir: Path) -> str:
+    """The [program:x] section for one service: only names and paths etcdha controls."""
     lines = [
         f"[program:{service.name}]",
-        f"command={_quote_value(shlex.join(service.command))}",
+        f"command={_quote_value(shlex.join(launcher_command(spec)))}",
         "autostart=false",
         "autorestart=false",  # the agent restarts it (and does not while the service is paused)
         f"startsecs={service.startsecs}",
@@ -82,11 +89,18 @@ def program_section(service: Service, node: str, token: int, log_dir: Path) -> s
         f"stdout_logfile={_quote_value(str(log_dir / (service.name + '.log')))}",
         "stdout_logfile_maxbytes=1MB",
         "stdout_logfile_backups=2",
-        f"environment={env_items}",
     ]
-    if service.directory:
-        lines.append(f"directory={_quote_value(service.directory)}")
     return "\n".join(lines) + "\n"
+
+
+def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: int) -> dict:
+    """What the launcher needs to start one service: argv, environment (with the fencing token), cgroup."""
+    env = {**service.environment, "ETCDHA_SERVICE": service.name, "ETCDHA_NODE": node,
+           "ETCDHA_FENCING_TOKEN": str(token)}
+    if service.vip:
+        env["ETCDHA_VIP"] = str(service.vip.ip)
+    return {"service": service.name, "argv": list(service.command), "env": env,
+            "directory": service.directory, "cgroup": str(cgroup), "parent": parent}
 
 
 class Supervisor:
@@ -106,13 +120,16 @@ class Supervisor:
         return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)]
 
     def prepare(self) -> None:
-        """Write a fresh main config and an empty program directory."""
+        """Write a fresh main config and one static program section per configured service."""
         for d in (self.dir, self.programs, self.logs):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for old in self.programs.glob("*.conf"):
+        for old in [*self.programs.glob("*.conf"), *self.programs.glob("*.json")]:
             old.unlink()
         if self.socket.exists():
             self.socket.unlink()
+        for service in self.config.services.values():
+            (self.programs / f"{service.name}.conf").write_text(
+                program_section(service, self.spec_path(service.name), self.logs))
         self.conf.write_text("\n".join([
             "[unix_http_server]",
             f"file={_quote_value(str(self.socket))}",
@@ -129,6 +146,9 @@ class Supervisor:
             f"files={_quote_value(str(self.programs))}/*.conf",
             "",
         ]))
+
+    def spec_path(self, service: str) -> Path:
+        return self.programs / f"{service}.json"
 
     def _call(self, method: str, *args, timeout: float = 0.0):
         """One XML-RPC call; supervisor faults that mean 'already so' are success (None)."""
@@ -159,25 +179,24 @@ class Supervisor:
 
     def states(self) -> dict[str, str]:
         """service -> supervisord state name, for the programs supervisord knows."""
-        return {p["name"]: p["statename"] for p in self._call("getAllProcessInfo")}
+        return {name: p["statename"] for name, p in self.processes().items()}
 
-    def pids(self) -> dict[str, int]:
-        return {p["name"]: p["pid"] for p in self._call("getAllProcessInfo") if p["pid"]}
+    def processes(self) -> Mapping[str, Mapping]:
+        """service -> supervisord's process info (statename, pid), one call for all."""
+        return {p["name"]: p for p in self._call("getAllProcessInfo")}
 
-    def start(self, service: Service, token: int) -> None:
-        """(Re)write the program with this fencing token and start it without waiting."""
-        path = self.programs / f"{service.name}.conf"
-        path.write_text(program_section(service, self.config.node, token, self.logs))
-        self._apply_config()
+    def start(self, service: Service, token: int, cgroup: Path, parent: int) -> None:
+        """Write the launch spec with this fencing token, then start the program without waiting.
+
+        `parent` is supervisord's pid: the launcher refuses to run under any other parent.
+        """
+        spec = self.spec_path(service.name)
+        tmp = spec.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(launch_spec(service, self.config.node, token, cgroup, parent), f)
+        os.replace(tmp, spec)
         self._call("startProcess", service.name, False)
-
-    def _apply_config(self) -> None:
-        added, changed, removed = self._call("reloadConfig")[0]
-        for name in removed + changed:
-            self._call("stopProcessGroup", name, True)
-            self._call("removeProcessGroup", name)
-        for name in added + changed:
-            self._call("addProcessGroup", name)
 
     def stop(self, service: Service) -> None:
         """Stop a program and wait until it is down (supervisord escalates to SIGKILL after stopwaitsecs).

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from etcdha import netlink
 from etcdha.errors import ActuatorError
 
 ETH_P_ARP = 0x0806
@@ -61,31 +62,16 @@ def add(interface: str, cidr: str) -> bool:
 
 
 def remove(interface: str, cidr: str) -> bool:
-    """Remove the VIP; True if it was there."""
-    vip = ipaddress.ip_interface(cidr)
+    """Remove the VIP; True if it was there (one netlink request, shared with the fence)."""
     try:
-        with IPRoute() as ipr:
-            idx = _index(ipr, interface)
-            ipr.addr("del", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen)
-            return True
-    except NetlinkError as exc:
-        if exc.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
-            return False
-        raise ActuatorError(f"cannot remove {cidr} from {interface}: {exc}") from None
-    except ActuatorError:
-        return False  # the interface is gone, so is the address
+        return netlink.delete_address(interface, cidr)
+    except OSError as exc:
+        raise ActuatorError(f"cannot remove {cidr} from {interface}: {exc.strerror or exc}") from None
 
 
 def remove_all(vips: Iterable[tuple[str, str]]) -> list[str]:
     """Remove every (interface, cidr) present; returns those removed. Never raises."""
-    removed = []
-    for interface, cidr in vips:
-        try:
-            if remove(interface, cidr):
-                removed.append(f"{cidr} on {interface}")
-        except Exception:  # noqa: BLE001 - the fence must try every address
-            pass
-    return removed
+    return netlink.delete_addresses(vips)[0]
 
 
 def _mac(interface: str) -> bytes:

@@ -7,8 +7,10 @@ Topology, all inside namespaces this module creates (the root namespace is never
     <tag>-n1..  nodes at 198.18.0.11.., each running a real agent, supervisord and the sample service
     <tag>-cl    a client at 198.18.0.50 that probes the VIP
 
-Only 198.18.0.0/24 (benchmark range) is used. Every wait is bounded; cleanup kills
-the processes it started by PID (every PID inside our namespaces) and deletes the
+Each node's agent contains its services in cgroups under MOUNT/<tag>/<cluster>/<node>
+(cgroup v2; `cgroup_root` in its config). Only 198.18.0.0/24 (benchmark range) is
+used. Every wait is bounded; cleanup kills the processes it started by PID (every
+PID inside our namespaces), kills and removes our cgroup subtree, and deletes the
 namespaces by name.
 """
 from __future__ import annotations
@@ -70,6 +72,57 @@ def stale_namespaces() -> list[str]:
     return stale
 
 
+def cgroup_mount() -> Path:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise RuntimeError("no cgroup v2 mount in /proc/mounts: etcdha needs one to contain services")
+
+
+def destroy_cgroup(root: Path) -> None:
+    """Kill every process in the subtree `root` (one cgroup.kill write) and remove it, deepest first."""
+    if not root.exists():
+        return
+    with contextlib.suppress(OSError):
+        (root / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "populated 1" in (root / "cgroup.events").read_text():
+        time.sleep(0.02)
+    for directory, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def stale_cgroups() -> list[Path]:
+    """Our cgroup subtrees whose creating process is gone (an interrupted run)."""
+    try:
+        entries = list(cgroup_mount().iterdir())
+    except (OSError, RuntimeError):
+        return []
+    stale = []
+    for entry in entries:
+        m = re.match(re.escape(TAG_PREFIX) + r"(\d+)", entry.name)
+        if m and entry.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
+            stale.append(entry)
+    return stale
+
+
+def child_with(parent: int, marker: bytes) -> Optional[int]:
+    """The PID of a child of `parent` whose command line contains `marker`, if any (one /proc scan)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == parent and \
+                    marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                return int(entry)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def destroy_namespace(ns: str) -> None:
     """Kill every process inside `ns` (by PID) and delete it."""
     for _ in range(5):
@@ -93,6 +146,7 @@ class Lab:
         self.workdir = Path(workdir or f"/tmp/etcdha-lab-{self.tag}")
         self.created: list[str] = []
         self.holders: dict[str, subprocess.Popen] = {}
+        self.cgroups = cgroup_mount() / self.tag  # every node's service cgroups live below
 
     def ns(self, role: str) -> str:
         return f"{self.tag}-{role}"
@@ -107,7 +161,10 @@ class Lab:
     def up(self) -> "Lab":
         for old in stale_namespaces():
             destroy_namespace(old)
+        for old_group in stale_cgroups():
+            destroy_cgroup(old_group)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cgroups.mkdir(exist_ok=True)
         sw = self.ns("sw")
         self._add_ns(sw)
         sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
@@ -132,18 +189,28 @@ class Lab:
         sh("ip", "netns", "add", ns)
         self.created.append(ns)
 
+    def enter(self, role: str) -> list[str]:
+        """The prefix that runs a command in a member's network namespace and nothing else.
+
+        `nsenter --net` rather than `ip netns exec`: the latter also gives the command a
+        private /sys without the cgroup mounts, and agents need cgroup v2 as on a real host.
+        Both exec, so the PID is the command's.
+        """
+        return ["nsenter", f"--net=/run/netns/{self.ns(role)}", "--"]
+
     def popen(self, role: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        """Start a process inside a member's namespace (`ip netns exec` execs, so the PID is the process's)."""
+        """Start a process inside a member's network namespace."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.Popen(["ip", "netns", "exec", self.ns(role), *argv], **kwargs)
+        return subprocess.Popen([*self.enter(role), *argv], **kwargs)
 
     def run(self, role: str, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
-        return sh("ip", "netns", "exec", self.ns(role), *argv, check=False, timeout=timeout)
+        return sh(*self.enter(role), *argv, check=False, timeout=timeout)
 
     def down(self) -> None:
         for ns in reversed(self.created):
             destroy_namespace(ns)
         self.created.clear()
+        destroy_cgroup(self.cgroups)
 
     def __enter__(self) -> "Lab":
         try:
@@ -178,6 +245,15 @@ class Lab:
         for name, holder in self.holders.items():
             with contextlib.suppress(OSError):
                 found[os.stat(f"/proc/{holder.pid}/ns/net").st_ino] = name
+        return found
+
+    def contained(self, service: str) -> dict[str, list[int]]:
+        """node -> PIDs in `service`'s cgroup on that node (any cluster): what supervisord may not know about."""
+        found: dict[str, list[int]] = {n: [] for n in self.node_names}
+        for procs in self.cgroups.glob(f"*/*/services/{service}/cgroup.procs"):
+            node = procs.parent.parent.parent.name
+            with contextlib.suppress(OSError, ValueError):
+                found.setdefault(node, []).extend(int(p) for p in procs.read_text().split())
         return found
 
     def programs(self, marker: str = "sample_service", inodes: Optional[dict[int, str]] = None) -> dict[str, list[int]]:
@@ -258,9 +334,13 @@ class Etcd:
         return res.stdout
 
 
-def sample_service_command(name: str = "web", port: int = PORT) -> list[str]:
-    """The sample HTTP service; `--name=NAME` doubles as the marker the sampler looks for."""
-    return [sys.executable, str(REPO / "scripts" / "sample_service.py"), f"--port={port}", f"--name={name}"]
+def sample_service_command(name: str = "web", port: int = PORT, *flags: str) -> list[str]:
+    """The sample HTTP service; `--name=NAME` doubles as the marker the sampler looks for.
+
+    `flags` make it misbehave: --daemonize, --orphan, --child-ignores-term (see sample_service.py).
+    """
+    return [sys.executable, str(REPO / "scripts" / "sample_service.py"), f"--port={port}", f"--name={name}",
+            *flags]
 
 
 def services(*names: str, priorities: Optional[dict[str, int]] = None) -> dict:
@@ -287,6 +367,11 @@ class Node:
         return self.lab.workdir / self.prefix.strip("/").replace("/", "_") / self.name
 
     @property
+    def cgroup(self) -> Path:
+        """This agent's cgroup subtree (its services are in SUBTREE/services/NAME)."""
+        return self.lab.cgroups / self.prefix.strip("/").replace("/", "_") / self.name
+
+    @property
     def log(self) -> Path:
         return self.dir / "agent.log"
 
@@ -297,6 +382,7 @@ class Node:
                      "prefix": self.prefix},
             "lease_ttl": 2,
             "run_dir": str(self.dir / "run"),
+            "cgroup_root": str(self.cgroup),
             "services": {"web": {"command": sample_service_command(), "vip": f"{VIP}/24", "interface": "eth0",
                                  "priority": 100}},
         }
@@ -327,6 +413,22 @@ class Node:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def fence_pid(self) -> Optional[int]:
+        """The agent's fence process (its child)."""
+        return child_with(self.pid, b"etcdha.fence")
+
+    def supervisord_pid(self) -> Optional[int]:
+        """The agent's supervisord (the fence's child)."""
+        fence = self.fence_pid()
+        return child_with(fence, b"supervisor.supervisord") if fence else None
+
+    def service_pids(self, service: str = "web") -> list[int]:
+        """Every process in the service's cgroup on this node."""
+        try:
+            return [int(p) for p in (self.cgroup / "services" / service / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
     def cut_etcd_link(self) -> None:
         """Silently drop everything this node sends to etcd (the VIP stays reachable for clients)."""
         for role in self.lab.etcd_roles:
@@ -354,6 +456,7 @@ class Node:
             if pid != holder:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        destroy_cgroup(self.cgroup)
         self.lab.run(self.name, ["ip", "addr", "del", f"{VIP}/24", "dev", "eth0"])
 
 
@@ -464,7 +567,9 @@ class Sampler:
     """Samples every node's VIPs and service processes continuously; records any double copy.
 
     `services` maps service name -> its VIP (or None); a service's processes are found by
-    the `--name=SERVICE` marker on the sample service's command line.
+    the `--name=SERVICE` marker on the sample service's command line (in any process of
+    the node's network namespace, contained or not) and by membership of the service's
+    cgroup on that node (whatever it runs, even if supervisord does not know about it).
     """
 
     def __init__(self, lab: Lab, interval: float = 0.02, services: Optional[dict[str, Optional[str]]] = None):
@@ -493,7 +598,9 @@ class Sampler:
         found: dict[str, dict[str, tuple[bool, bool]]] = {}
         for svc, vip in self.services.items():
             programs = self.lab.programs(f"--name={svc}\0", inodes)
-            found[svc] = {n: (bool(vip) and self.lab.vip_on(n, vip), bool(programs[n])) for n in self.lab.node_names}
+            contained = self.lab.contained(svc)
+            found[svc] = {n: (bool(vip) and self.lab.vip_on(n, vip), bool(programs[n] or contained.get(n)))
+                          for n in self.lab.node_names}
         return found
 
     def _run(self) -> None:

@@ -103,6 +103,26 @@ def kill_pid(pid: Optional[int]) -> None:
             pass
 
 
+# ---- cgroups -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cgroup_root():
+    """A fresh cgroup v2 directory of our own for one test; killed and removed afterwards."""
+    from etcdha import cgroup
+
+    mount = cgroup.cgroup2_mount(Path("/proc/mounts").read_text())
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("needs root and a cgroup v2 mount (service containment)")
+    root = mount / f"etcdha-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield root
+    finally:
+        if root.exists():
+            cgroup.kill(root)
+            cgroup.wait_empty(root, 5)
+            cgroup.remove(root)
+
+
 # ---- etcd servers ------------------------------------------------------------------------------
 
 def find_etcd() -> Optional[str]:

@@ -1,6 +1,8 @@
-"""A real supervisord under the real fence process (no root, no VIPs, no etcd needed)."""
+"""A real supervisord under the real fence process, programs in real cgroups (root; no VIPs, no etcd)."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from etcdha import cgroup
+from etcdha.cgroup import NodeCgroups, Placement
 from etcdha.config import Config, EtcdConfig, Service
 from etcdha.fence import FIRED_EXIT, FenceClient
-from etcdha.supervisord import Supervisor
+from etcdha.supervisord import Supervisor, launcher_command
 
 from .conftest import kill_pid, pid_alive, wait_for
 
@@ -27,17 +31,20 @@ class Stack:
     supervisor: Supervisor
     fence: FenceClient
     supervisord_pid: int
+    cgroups: NodeCgroups
     program_pid: int = 0
 
 
 @pytest.fixture
-def stack(request):
+def stack(request, cgroup_root):
     # A short path of our own: supervisord's unix socket path must fit in 108 bytes.
     run_dir = Path(tempfile.mkdtemp(prefix="ehf-", dir="/tmp"))
     config = Config(node="n1", etcd=EtcdConfig(), services={SERVICE.name: SERVICE}, run_dir=run_dir)
+    cgroups = NodeCgroups(Placement(cgroup_root), [SERVICE.name])
+    cgroups.setup()
     supervisor = Supervisor(config)
     supervisor.prepare()
-    fence = FenceClient(0.3, [], supervisor.command())
+    fence = FenceClient(0.3, [], cgroups.services_dir, supervisor.command())
     pids: list[int] = []
 
     def cleanup() -> None:
@@ -49,18 +56,19 @@ def stack(request):
                 pass
         for pid in pids:
             kill_pid(pid)
+        cgroups.release()
         shutil.rmtree(run_dir, ignore_errors=True)
 
     request.addfinalizer(cleanup)
     supervisord_pid = fence.start()
     pids.append(supervisord_pid)
     supervisor.wait_ready(timeout=10)
-    s = Stack(config, supervisor, fence, supervisord_pid)
+    s = Stack(config, supervisor, fence, supervisord_pid, cgroups)
 
-    supervisor.start(SERVICE, token=42)
+    supervisor.start(SERVICE, 42, cgroups.group(SERVICE.name), supervisord_pid)
     wait_for(lambda: supervisor.states().get(SERVICE.name) == "RUNNING", 5, interval=0.05,
              what="the program to reach RUNNING")
-    s.program_pid = supervisor.pids()[SERVICE.name]
+    s.program_pid = supervisor.processes()[SERVICE.name]["pid"]
     pids.append(s.program_pid)
     # startsecs=0: RUNNING is reported at fork; wait until the child has exec'd the program.
     wait_for(lambda: _cmdline(s.program_pid)[:2] == [b"sleep", b"300"], 5, interval=0.01,
@@ -129,3 +137,80 @@ def test_quit_stops_everything_and_exits_zero(stack):
     wait_for(lambda: _dead(stack.program_pid, stack.supervisord_pid), 2, what="everything to be gone")
     assert "quit" in stack.fence.messages or wait_for(lambda: "quit" in stack.fence.messages, 2,
                                                         what="the fence to say quit")
+
+
+# ---- containment: the program and whatever it forks live in the service's cgroup -------------
+
+def _spawn_escapee(stack) -> int:
+    """Start a process in the service's cgroup that leaves the process tree and group (setsid, double fork)."""
+    out = subprocess.run(["sh", "-c", f"echo $$ > {stack.cgroups.group(SERVICE.name)}/cgroup.procs && "
+                          "setsid sh -c 'sleep 300 >/dev/null 2>&1 & echo $!' </dev/null"],
+                         capture_output=True, text=True, timeout=10)
+    pid = int(out.stdout.split()[-1])
+    assert pid in cgroup.pids(stack.cgroups.group(SERVICE.name))
+    return pid
+
+
+def test_the_program_runs_in_its_own_cgroup(stack):
+    assert cgroup.pids(stack.cgroups.group(SERVICE.name)) == [stack.program_pid]
+    assert stack.cgroups.counts() == {SERVICE.name: 1}
+    assert stack.supervisord_pid not in cgroup.pids(stack.cgroups.services_dir), "supervisord stays out of it"
+
+
+def test_firing_kills_processes_that_left_the_process_tree(stack):
+    escapee = _spawn_escapee(stack)
+    stack.fence.fire()
+    assert _dead(stack.program_pid, escapee, stack.supervisord_pid)
+    assert not cgroup.populated(stack.cgroups.services_dir)
+    assert any(m.startswith("fired asked by the agent") and "SURVIVE" not in m for m in stack.fence.messages)
+
+
+def test_killing_the_fence_kills_supervisord_and_the_program_with_it(stack):
+    """kill -9 of the fence: PDEATHSIG takes supervisord, and supervisord's death the program (launcher)."""
+    stack.fence.proc.kill()
+    wait_for(lambda: _dead(stack.supervisord_pid, stack.program_pid), 1.0, interval=0.01,
+             what="supervisord and the program to die with the fence")
+
+
+def test_supervisord_death_fires_the_fence_at_once(stack):
+    escapee = _spawn_escapee(stack)
+    killed_at = time.monotonic()
+    kill_pid(stack.supervisord_pid)
+    wait_for(lambda: _dead(stack.program_pid, escapee), 1.0, interval=0.01, what="every service process to die")
+    assert time.monotonic() - killed_at < 1.0
+    assert stack.fence.proc.wait(2) == FIRED_EXIT
+    wait_for(lambda: any("fired supervisord exited" in m for m in stack.fence.messages), 2,
+             what="the fence to say why it fired")
+
+
+def _has_cap_sys_resource() -> bool:
+    caps = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff"))
+    return bool(int(caps.split()[1], 16) & (1 << 24))
+
+
+def test_fence_is_spared_by_the_oom_killer_and_supervisord_is_not(stack):
+    fence_adj = Path(f"/proc/{stack.fence.proc.pid}/oom_score_adj").read_text().strip()
+    if _has_cap_sys_resource():
+        assert fence_adj == "-1000"
+    else:  # e.g. a sandbox without CAP_SYS_RESOURCE: the fence must say it could not
+        wait_for(lambda: any("oom_score_adj -1000" in m and "CAP_SYS_RESOURCE" in m for m in stack.fence.messages),
+                 2, what="the fence to warn that it could not protect itself from the OOM killer")
+    assert Path(f"/proc/{stack.supervisord_pid}/oom_score_adj").read_text().strip() == "0"
+    assert Path(f"/proc/{stack.program_pid}/oom_score_adj").read_text().strip() == "0"
+
+
+def test_launcher_refuses_to_start_under_another_parent(stack, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"argv": ["sleep", "300"], "env": {}, "cgroup": str(stack.cgroups.group(SERVICE.name)),
+                                "parent": 1}))
+    res = subprocess.run(launcher_command(spec), capture_output=True, text=True, timeout=10)
+    assert res.returncode == 125 and "is gone; not starting" in res.stderr
+    assert cgroup.pids(stack.cgroups.group(SERVICE.name)) == [stack.program_pid]
+
+
+def test_launcher_never_runs_a_program_outside_its_cgroup(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"argv": ["sleep", "300"], "env": {}, "cgroup": str(tmp_path / "no-such-cgroup"),
+                                "parent": os.getpid()}))
+    res = subprocess.run(launcher_command(spec), capture_output=True, text=True, timeout=10)
+    assert res.returncode == 126 and "not starting uncontained" in res.stderr

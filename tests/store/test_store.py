@@ -365,3 +365,23 @@ def test_claim_on_a_dead_lease_is_an_error_not_a_claim(store):
         store.claim("web", "a", lease, since=time.time())
     assert not isinstance(info.value, Unavailable)
     assert "web" not in store.snapshot().owners
+
+
+def test_history_pruning_deletes_only_its_own_history_keys(store_factory):
+    """Cluster B's prefix lies inside cluster A's history of web: A's pruning must not touch B."""
+    a = store_factory()
+    b = store_factory(prefix=f"{a.prefix}/history/web")
+    lease, _ = b.grant(30)
+    b.register("n1", lease, model.encode_node("n1", lease, 1, 0.0, {}), {"db": model.encode_candidate(100, None)},
+               {"db": model.encode_service(None)})
+    assert b.claim("db", "n1", lease, time.time())
+    b.record(model.Event("db", time.time(), "n1", "claimed", "vacant", 1))
+    b_keys = sorted(kv.key for kv in b.list()[1])
+    t0 = time.time()
+    for i in range(6):
+        a.record(model.Event("web", t0 + i, "a", "claimed", "vacant", i + 1), keep=3)
+    after = {kv.key for kv in b.list()[1]}  # B's listing now also holds A's 3 newest entries of web
+    assert set(b_keys) <= after, f"A's history pruning deleted B's keys {sorted(set(b_keys) - after)}"
+    assert [e.token for e in a.history("web")] == [4, 5, 6]
+    assert b.snapshot().owners["db"].node == "n1"
+    b.revoke(lease)

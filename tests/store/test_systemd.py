@@ -39,7 +39,7 @@ def test_unit_file_verifies(tmp_path):
     assert res.returncode == 0 and not problems, res.stdout + res.stderr
 
 
-def test_agent_speaks_the_notify_protocol(etcd_server, tmp_path):
+def test_agent_speaks_the_notify_protocol(etcd_server, tmp_path, cgroup_root):
     sock_path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(sock_path))
@@ -47,7 +47,7 @@ def test_agent_speaks_the_notify_protocol(etcd_server, tmp_path):
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "node": "sd1", "etcd": {"endpoints": [etcd_server.endpoint], "prefix": f"/sd-{uuid.uuid4().hex[:8]}"},
-        "run_dir": str(tmp_path / "run"), "startup_grace": 0,
+        "run_dir": str(tmp_path / "run"), "cgroup_root": str(cgroup_root), "startup_grace": 0,
         "services": {"sleeper": {"command": ["sleep", "300"], "startsecs": 0}},
     }))
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}

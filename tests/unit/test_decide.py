@@ -218,11 +218,56 @@ def test_unknown_owner_blocks_claim():
     assert of_kind(p, Kind.CLAIM) == []
 
 
-def test_vacant_but_my_program_still_running_stops_and_claims():
-    # nobody owns web (our old owner key expired) but a copy still runs here: stop it; we may claim again
+def test_vacant_but_my_program_still_running_stops_first_and_claims_next_cycle():
+    # nobody owns web (our old owner key expired) but a copy still runs here: stop it (verified empty),
+    # and claim only in the next cycle, never in the same plan as a stop that might not hold
     v = view(candidates={"web": {"b": 100}})
     p = decide.plan(v, facts(programs={"web": "RUNNING"}, vacant_since={"web": 100.0}))
-    assert kinds(p) == [(Kind.STOP, "web", Reason.NOT_OWNER), (Kind.CLAIM, "web", Reason.VACANT)]
+    assert kinds(p) == [(Kind.STOP, "web", Reason.NOT_OWNER)]
+    assert p.wake_in == pytest.approx(decide.FAST_TICK)
+    after = decide.plan(v, facts(programs={"web": "STOPPED"}, processes={"web": 0}, vacant_since={"web": 100.0}))
+    assert kinds(after) == [(Kind.CLAIM, "web", Reason.VACANT)]
+
+
+# ---- containment: what the service's cgroup says, beyond supervisord ------------------------
+
+MINE = {"web": Owner(node=ME, lease=MY_LEASE, token=7)}
+
+
+@pytest.mark.parametrize("program, processes, expected", [
+    # supervisord has no process but the cgroup does: the program daemonized (or left children behind)
+    ("EXITED", 2, [(Kind.RELEASE, "web", Reason.DAEMONIZED)]),
+    ("FATAL", 1, [(Kind.RELEASE, "web", Reason.DAEMONIZED)]),
+    ("STOPPED", 1, [(Kind.RELEASE, "web", Reason.DAEMONIZED)]),
+    # an ordinary exit with an empty cgroup: start it again here; FATAL and empty: give it up
+    ("EXITED", 0, [(Kind.START, "web", Reason.OWNER)]),
+    ("FATAL", 0, [(Kind.RELEASE, "web", Reason.FAILED)]),
+    # supervisord is about to respawn (BACKOFF) or runs it: processes in the cgroup are expected
+    ("BACKOFF", 1, []),
+    ("RUNNING", 3, []),
+    ("STARTING", 1, []),
+])
+def test_owner_decides_from_program_state_and_cgroup(program, processes, expected):
+    v = view(candidates={"web": {"b": 100}}, owners=MINE)
+    p = decide.plan(v, facts(programs={"web": program}, processes={"web": processes}, vips_up=frozenset({"web"}),
+                             with_vip=frozenset({"web"})))
+    assert kinds(p) == expected
+    if expected and expected[0][0] is Kind.RELEASE:
+        assert p.actions[0].token == 7
+
+
+@pytest.mark.parametrize("program", ["STOPPED", "EXITED", "FATAL", "RUNNING"])
+def test_processes_in_the_cgroup_of_a_service_we_do_not_own_are_stopped_and_block_a_claim(program):
+    for owners in ({}, {"web": Owner(node="a", lease=LEASES["a"], token=9)}):
+        v = view(candidates={"web": {"b": 100}}, owners=owners)
+        p = decide.plan(v, facts(programs={"web": program}, processes={"web": 1}, vacant_since={"web": 0.0}))
+        assert kinds(p) == [(Kind.STOP, "web", Reason.NOT_OWNER)], owners
+
+
+def test_paused_service_with_leftover_processes_is_left_alone():
+    v = view(candidates={"web": {"b": 100}}, owners=MINE, paused={"web": None})
+    p = decide.plan(v, facts(programs={"web": "EXITED"}, processes={"web": 2}))
+    assert of_kind(p, Kind.RELEASE) == [] and of_kind(p, Kind.STOP) == []
 
 
 # ---- cooldown and enrolment ----------------------------------------------------------------

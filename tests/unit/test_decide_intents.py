@@ -96,10 +96,12 @@ def test_move_target_not_yet_vacant_waits_for_the_handoff():
     assert decide.plan(v, facts(vacant_since={})).actions == ()
 
 
-def test_move_target_stops_a_stale_local_copy_and_claims():
+def test_move_target_stops_a_stale_local_copy_then_claims():
     v = view(candidates={"web": {"a": 300, "b": 100}}, moves={"web": move(to=ME, source="a")})
     p = decide.plan(v, facts(programs={"web": "RUNNING"}))
-    assert kinds(p) == [(Kind.STOP, "web", Reason.NOT_OWNER), (Kind.CLAIM, "web", Reason.MOVED)]
+    assert kinds(p) == [(Kind.STOP, "web", Reason.NOT_OWNER)]
+    p = decide.plan(v, facts(programs={"web": "STOPPED"}))
+    assert kinds(p) == [(Kind.CLAIM, "web", Reason.MOVED)]
 
 
 @pytest.mark.parametrize("state", [LeaseState.SUSPENDED, LeaseState.LOST])

@@ -1,19 +1,29 @@
-"""supervisord.program_section: the generated [program:x] section, checked as text and as supervisord reads it."""
+"""supervisord.program_section and launch_spec: what supervisord reads, and what the launcher gets.
+
+The operator's command, environment and directory never pass through supervisord's
+ini parser: they go to the launcher in a JSON spec. The section holds only names
+and paths etcdha controls; both are checked here as supervisord itself reads them.
+"""
 from __future__ import annotations
 
-import configparser
 import ipaddress
+import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 
 from etcdha.config import Service
-from etcdha.supervisord import program_section
+from etcdha.supervisord import LAUNCHER, launch_spec, launcher_command, program_section
 
 pytestmark = pytest.mark.unit
 
-TRICKY = ("/bin/sh", "-c", """echo "hello world" 'single' it's 50% %(here)s $HOME""", "a b", '"', "'", "back\\slash")
+# arguments that supervisord's ini parser would mangle: inline comments (" ;", " #"), % expansion,
+# quotes, and an attempt to inject a section
+TRICKY = ("/bin/sh", "-c", """echo "hello world" 'single' it's 50% %(here)s $HOME ; echo b # c""", "a b", '"',
+          "'", "back\\slash", "x\n[program:evil]\ncommand=/bin/evil")
+SPEC = Path("/run/etcdha/n1/programs/web.json")
 
 
 def service(**kw) -> Service:
@@ -24,71 +34,12 @@ def service(**kw) -> Service:
     return Service(**base)
 
 
-def section(svc: Service, token: int = 4711, log_dir: Path = Path("/run/etcdha/n1/logs")) -> dict[str, str]:
-    text = program_section(svc, "n1", token, log_dir)
-    parser = configparser.RawConfigParser()
-    parser.optionxform = str
-    parser.read_string(text)
-    assert parser.sections() == [f"program:{svc.name}"]
-    return dict(parser[f"program:{svc.name}"])
-
-
-def unescape(value: str) -> str:
-    return value.replace("%%", "%")
-
-
-def test_safety_settings():
-    s = section(service())
-    assert s["autostart"] == "false"        # a restarted supervisord never starts a copy by itself
-    assert s["stopasgroup"] == "true"
-    assert s["killasgroup"] == "true"
-    assert (s["startsecs"], s["startretries"], s["stopwaitsecs"]) == ("3", "4", "5")
-    assert s["stdout_logfile"] == "/run/etcdha/n1/logs/web.log"
-
-
-def test_fencing_token_and_identity_in_environment():
-    env = section(service(), token=4711)["environment"]
-    assert 'ETCDHA_FENCING_TOKEN="4711"' in env.split(",")
-    assert 'ETCDHA_SERVICE="web"' in env.split(",")
-    assert 'ETCDHA_NODE="n1"' in env.split(",")
-    assert 'ETCDHA_VIP="198.18.0.100"' in env.split(",")
-    assert 'GREETING="hello"' in env.split(",")
-
-
-def test_no_vip_no_vip_variable():
-    env = section(service(vip=None, interface=None))["environment"]
-    assert "ETCDHA_VIP" not in env
-
-
-def test_percent_escaped_in_command():
-    s = section(service(command=("/bin/echo", "50%", "%(here)s")))
-    assert "50%%" in s["command"] and "%%(here)s" in s["command"]
-    assert "%" not in s["command"].replace("%%", "")  # no lone % left for supervisord to expand
-    assert shlex.split(unescape(s["command"])) == ["/bin/echo", "50%", "%(here)s"]
-
-
-def test_quotes_in_arguments_survive():
-    s = section(service(command=TRICKY))
-    assert shlex.split(unescape(s["command"])) == list(TRICKY)
-
-
-def test_directory_escaped():
-    s = section(service(directory="/srv/100%"))
-    assert s["directory"] == "/srv/100%%"
-
-
-def test_percent_in_environment_escaped():
-    env = section(service(environment={"P": "100%"}))["environment"]
-    assert 'P="100%%"' in env.split(",")
-
-
-# ---- the section as supervisord itself reads it (supervisor's parser; no process is started) ----
-
-def supervisord_reads(svc: Service, tmp_path: Path, token: int = 4711):
+def supervisord_reads(svc: Service, tmp_path: Path, spec: Path = SPEC):
+    """The program config exactly as supervisord builds it from our section (no process is started)."""
     from supervisor.options import ServerOptions, UnhosedConfigParser
 
     parser = UnhosedConfigParser()
-    parser.read_string(program_section(svc, "n1", token, tmp_path))
+    parser.read_string(program_section(svc, spec, tmp_path))
     options = ServerOptions()
     options.here = str(tmp_path)
     (group,) = options.process_groups_from_parser(parser)
@@ -96,31 +47,45 @@ def supervisord_reads(svc: Service, tmp_path: Path, token: int = 4711):
     return proc
 
 
-def test_supervisord_reads_command_and_flags(tmp_path):
-    proc = supervisord_reads(service(command=TRICKY), tmp_path)
-    assert shlex.split(proc.command) == list(TRICKY)
-    assert proc.autostart is False
+def test_safety_settings(tmp_path):
+    proc = supervisord_reads(service(), tmp_path)
+    assert proc.autostart is False          # a restarted supervisord never starts a copy by itself
+    assert proc.autorestart is False        # restarting is the agent's decision (not while paused)
     assert proc.stopasgroup is True and proc.killasgroup is True
-    assert proc.stopwaitsecs == 5
+    assert (proc.startsecs, proc.startretries, proc.stopwaitsecs) == (3, 4, 5)
+    assert proc.stdout_logfile == str(tmp_path / "web.log")
 
 
-def test_supervisord_reads_environment(tmp_path):
-    env = {"GREETING": "hello", "LIST": "a,b", "SPACED": "a b", "PCT": "100%", "EQ": "x=y", "APOS": "it's"}
-    proc = supervisord_reads(service(environment=env), tmp_path, token=99)
-    assert proc.environment["ETCDHA_FENCING_TOKEN"] == "99"
-    assert proc.environment["ETCDHA_SERVICE"] == "web"
-    assert proc.environment["ETCDHA_NODE"] == "n1"
-    assert proc.environment["ETCDHA_VIP"] == "198.18.0.100"
-    for k, v in env.items():
-        assert proc.environment[k] == v
+def test_supervisord_runs_the_launcher_with_the_spec_only(tmp_path):
+    proc = supervisord_reads(service(command=TRICKY, environment={"X": "1 ; 2"}, directory="/srv/100%"), tmp_path)
+    assert shlex.split(proc.command) == [sys.executable, "-I", "-S", str(LAUNCHER), str(SPEC)]
+    assert launcher_command(SPEC) == shlex.split(proc.command)
+    assert "X" not in (proc.environment or {}) and proc.directory is None
 
 
-def test_supervisord_environment_backslash(tmp_path):
-    proc = supervisord_reads(service(environment={"WIN": "C:\\temp"}), tmp_path)
-    assert proc.environment["WIN"] == "C:\\temp"
+def test_percent_in_the_spec_path_is_escaped(tmp_path):
+    # (run_dir itself may not hold '%': supervisord expands log file names twice)
+    spec = Path("/run/etcdha/100%/programs/web.json")
+    proc = supervisord_reads(service(), tmp_path, spec=spec)
+    assert shlex.split(proc.command)[-1] == str(spec)
 
 
-def test_supervisord_environment_double_quote(tmp_path):
-    # representable for supervisord (e.g. MSG='a "b" c'); values ending in a quote are not, since it strips them
-    proc = supervisord_reads(service(environment={"MSG": 'a "b" c'}), tmp_path)
-    assert proc.environment["MSG"] == 'a "b" c'
+def test_nothing_from_the_operator_reaches_the_section():
+    text = program_section(service(command=TRICKY, environment={"EVIL": "x\n[program:evil]"}), SPEC, Path("/l"))
+    assert text.count("[program:") == 1 and "evil" not in text and "GREETING" not in text
+
+
+def test_spec_carries_argv_environment_and_token_verbatim():
+    svc = service(command=TRICKY, environment={"GREETING": "hello", "PCT": "100%", "SEMI": "a ; b", "Q": '"x"'},
+                  directory="/srv/with space")
+    spec = json.loads(json.dumps(launch_spec(svc, "n1", 4711, Path("/cg/services/web"), 1234)))
+    assert spec["argv"] == list(TRICKY)
+    assert spec["env"] == {"GREETING": "hello", "PCT": "100%", "SEMI": "a ; b", "Q": '"x"', "ETCDHA_SERVICE": "web",
+                           "ETCDHA_NODE": "n1", "ETCDHA_FENCING_TOKEN": "4711", "ETCDHA_VIP": "198.18.0.100"}
+    assert spec["directory"] == "/srv/with space"
+    assert (spec["cgroup"], spec["parent"]) == ("/cg/services/web", 1234)
+
+
+def test_no_vip_no_vip_variable():
+    spec = launch_spec(service(vip=None, interface=None), "n1", 1, Path("/cg"), 1)
+    assert "ETCDHA_VIP" not in spec["env"]

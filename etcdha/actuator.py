@@ -1,0 +1,207 @@
+"""This node's hands: start, stop and verify services (cgroup, supervisord program, VIP, announcements).
+
+The agent's loop decides; this module carries out a decision on this node and
+says whether it held. "Stopped" is strict: supervisord stopped the program, its
+cgroup is empty (nothing it forked survives) and its VIP is gone. Only then may
+the agent release, hand over or revoke anything in etcd.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from etcdha import vip
+from etcdha.cgroup import ContainmentError, NodeCgroups, detect_placement
+from etcdha.config import Config, Service
+from etcdha.errors import ActuatorError, EtcdhaError
+from etcdha.fence import FenceClient
+from etcdha.supervisord import Supervisor
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE = 5.0  # how long SIGKILLed processes may take to be gone before we call them stuck
+
+
+@dataclass(frozen=True)
+class Local:
+    """What runs here, read at one moment: the facts `decide.plan` needs about this node."""
+
+    programs: Mapping[str, str]   # service -> supervisord state name
+    processes: Mapping[str, int]  # service -> processes in its cgroup
+    vips_up: frozenset[str]       # services whose VIP is on our interface
+
+
+class Actuator:
+    """Owns the node's cgroup subtree, the fence and supervisord under it, and the VIPs."""
+
+    def __init__(self, config: Config, wake: Callable[[], None] = lambda: None):
+        self.config = config
+        self.wake = wake
+        self.cgroups = NodeCgroups(detect_placement(config.cgroup_root, config.node), config.services)
+        self.supervisor = Supervisor(config)
+        self.fence: Optional[FenceClient] = None
+        self.supervisord_pid = 0
+        self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
+        self._exit_expected = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Before joining: own the cgroup subtree, kill whatever a previous run left, drop leftover VIPs.
+
+        A previous agent killed together with its fence (no systemd to clean up) may have
+        left programs running; they die here, before this node can claim anything.
+        """
+        self.cgroups.setup()
+        left = self.cgroups.leftovers()
+        if left:
+            log.warning("killing leftover processes from a previous run before joining: %s",
+                        ", ".join(f"{n} ({c})" for n, c in sorted(left.items())))
+            if not self.cgroups.empty_all(KILL_GRACE):
+                raise ContainmentError(f"leftover processes in {self.cgroups.services_dir} survive SIGKILL; "
+                                       "not joining while they run")
+        for removed in vip.remove_all(self.config.vips):
+            log.warning("removed leftover VIP %s (we own nothing yet)", removed)
+
+    def start_runtime(self) -> None:
+        """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""
+        self.supervisor.prepare()
+        self._exit_expected = False
+        self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
+                                 self.supervisor.command(), on_exit=self._fence_exited)
+        self.supervisord_pid = self.fence.start()
+        self.supervisor.wait_ready()
+        log.info("fence pid %d, supervisord pid %d; services contained in %s (%s)", self.fence.proc.pid,
+                 self.supervisord_pid, self.cgroups.services_dir, self.cgroups.placement.why)
+
+    def runtime_alive(self) -> bool:
+        return self.fence is not None and self.fence.alive()
+
+    def runtime_exit(self) -> str:
+        """Why the fence exited, from its last message."""
+        return "; ".join(self.fence.messages[-1:]) if self.fence else "not started"
+
+    def feed(self, deadline: float) -> None:
+        if self.fence is not None:
+            self.fence.feed(deadline)
+
+    def _fence_exited(self) -> None:
+        """Runs on the fence's reader thread when it exits: unless we asked, empty everything at once.
+
+        The fence may have been killed (kill -9, the OOM killer) before it could kill
+        anything; supervisord dies with it (PDEATHSIG), but daemons in the service
+        cgroups would not. One write kills them all, long before our lease can expire.
+        """
+        if self._exit_expected:
+            return
+        began = time.monotonic()
+        try:
+            self.cgroups.kill_all()
+        except ActuatorError as exc:
+            log.error("the fence exited and killing the service cgroups failed: %s", exc)
+        removed = vip.remove_all(self.config.vips)
+        log.error("the fence exited (%s): killed every service cgroup and removed %s in %.0f ms",
+                  self.runtime_exit() or "no message", removed or "no VIPs", (time.monotonic() - began) * 1000)
+        self.wake()
+
+    # ---- facts -----------------------------------------------------------------------------------
+
+    def observe(self) -> Local:
+        """Program states, then cgroup counts (in this order: see decide's daemonized rule), then VIPs."""
+        programs = self.supervisor.states()
+        return Local(programs, self.cgroups.counts(), self.vips_up())
+
+    def vips_up(self) -> frozenset[str]:
+        up = set()
+        by_interface: dict[str, set[str]] = {}
+        for s in self.config.services.values():
+            if s.vip is None:
+                continue
+            if s.interface not in by_interface:
+                try:
+                    by_interface[s.interface] = {a.split("/")[0] for a in vip.addresses(s.interface)}
+                except ActuatorError:
+                    by_interface[s.interface] = set()
+            if str(s.vip.ip) in by_interface[s.interface]:
+                up.add(s.name)
+        return frozenset(up)
+
+    # ---- verbs -----------------------------------------------------------------------------------
+
+    def start(self, service: Service, token: int) -> None:
+        """VIP (probed, added, announced), then the program in its cgroup with the fencing token."""
+        if service.vip:
+            cidr = str(service.vip)
+            if not vip.present(service.interface, cidr):
+                other = vip.in_use_elsewhere(service.interface, cidr)
+                if other:
+                    raise ActuatorError(f"VIP {service.vip.ip} is already answered on {service.interface} by "
+                                        f"{other} (not an etcdha owner?); refusing to add a duplicate")
+            if vip.add(service.interface, cidr):
+                log.info("added VIP %s on %s", service.vip, service.interface)
+            self.announcing[service.name] = vip.announce(service.interface, cidr)
+        self.supervisor.start(service, token, self.cgroups.group(service.name), self.supervisord_pid)
+        log.info("started %s (fencing token %d)", service.name, token)
+
+    def stop(self, service: Service) -> None:
+        """Program stop, SIGTERM to what remains, cgroup.kill after stopwaitsecs, then VIP down.
+
+        Returns only when the cgroup is empty and the VIP gone; raises ActuatorError
+        (ContainmentError if processes survive) otherwise, and the caller must not release.
+        """
+        began = time.monotonic()
+        try:
+            self.supervisor.stop(service)
+        except ActuatorError as exc:  # supervisord gone or stuck: the cgroup still tells the truth
+            log.warning("supervisord could not stop %s (%s); stopping its cgroup directly", service.name, exc)
+        try:
+            self.cgroups.stop(service.name, KILL_GRACE, began + service.stopwaitsecs)
+        finally:
+            if service.name in self.announcing:
+                self.announcing.pop(service.name).set()
+            if service.vip and vip.remove(service.interface, str(service.vip)):
+                log.info("removed VIP %s from %s", service.vip, service.interface)
+        log.info("stopped %s (its cgroup is empty)", service.name)
+
+    def stop_all(self) -> bool:
+        """Graceful end: every program asked to stop at once, each cgroup emptied; True if all are empty."""
+        began = time.monotonic()
+        try:
+            self.supervisor.stop_all()
+        except EtcdhaError as exc:
+            log.warning("stopping programs through supervisord: %s", exc)
+        empty = True
+        for service in self.config.services.values():
+            try:
+                self.cgroups.stop(service.name, KILL_GRACE, began + service.stopwaitsecs)
+            except ContainmentError as exc:
+                log.error("%s", exc)
+                empty = False
+        self._drop_vips()
+        return empty
+
+    def fence_now(self) -> bool:
+        """Kill every service process and drop every VIP now; True once the cgroups are verified empty."""
+        self._exit_expected = True
+        if self.runtime_alive():
+            self.fence.fire()
+        empty = self.cgroups.empty_all(KILL_GRACE)
+        self._drop_vips()
+        return empty
+
+    def _drop_vips(self) -> None:
+        for event in self.announcing.values():
+            event.set()
+        self.announcing.clear()
+        for removed in vip.remove_all(self.config.vips):
+            log.info("removed VIP %s", removed)
+
+    def shutdown(self) -> None:
+        """Stop the fence (it stops supervisord and checks the subtree), then give the cgroups back."""
+        self._exit_expected = True
+        if self.fence is not None:
+            self.fence.quit()
+        self.cgroups.release()
