@@ -39,6 +39,9 @@ def status(view: ClusterView, ttl_left: Optional[Mapping[int, int]] = None,
             "paused": view.is_paused(name),
             "moving_to": view.moves[name].to if name in view.moves else None,
             "cooling_down": sorted(n for (s, n), until in view.cooldowns.items() if s == name and until > now),
+            # processes in the service's cgroup, per live node that has any: a non-owner here is a leftover
+            "processes": {n: info.processes[name] for n, info in sorted(view.nodes.items())
+                          if info.processes.get(name, 0) > 0},
         }
     nodes: dict[str, Any] = {}
     for name in sorted(view.members):
@@ -51,6 +54,7 @@ def status(view: ClusterView, ttl_left: Optional[Mapping[int, int]] = None,
             "owns": sorted(s for s, o in view.owners.items() if o.node == name),
             "drained": name in view.drained,
             "lease_ttl_left": ttl_left.get(info.lease) if info else None,
+            "processes": {s: n for s, n in sorted(info.processes.items()) if n > 0} if info else {},
         }
     return {"revision": view.revision, "services": services, "nodes": nodes, "problems": list(view.problems)}
 
@@ -64,14 +68,16 @@ def table(doc: dict[str, Any]) -> str:
     def notes(s: dict[str, Any]) -> str:
         parts = (["PAUSED"] if s["paused"] else []) + ([f"moving to {s['moving_to']}"] if s["moving_to"] else [])
         parts += [f"cooling down on {','.join(s['cooling_down'])}"] if s["cooling_down"] else []
+        parts += [f"LEFTOVER processes on {n} ({c})" for n, c in s["processes"].items() if n != s["owner"]]
         return "; ".join(parts) or "-"
 
-    svc_rows = [[name, s["owner"] or "-", s["state"], s["vip"] or "-", str(s["fencing_token"] or "-"),
-                 s["since"] or "-", ",".join(s["candidates"]) or "-", notes(s)] for name, s in doc["services"].items()]
+    svc_rows = [[name, s["owner"] or "-", s["state"], str(s["processes"].get(s["owner"], 0) if s["owner"] else "-"),
+                 s["vip"] or "-", str(s["fencing_token"] or "-"), s["since"] or "-", ",".join(s["candidates"]) or "-",
+                 notes(s)] for name, s in doc["services"].items()]
     node_rows = [[name, "yes" if n["alive"] else "NO", "DRAINED" if n["drained"] else "-",
                   "-" if n["lease_ttl_left"] is None else f"{n['lease_ttl_left']}s",
                   ",".join(n["owns"]) or "-", n["started"] or "-"] for name, n in doc["nodes"].items()]
-    lines = render(["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
+    lines = render(["SERVICE", "OWNER", "STATE", "PROCS", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
     lines += [""] + render(["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"], node_rows)
     lines += [f"problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)

@@ -161,6 +161,15 @@ def test_node_with_odd_fields_decodes_with_defaults():
     assert v.problems == ()
 
 
+def test_node_process_counts_round_trip_and_garbage_counts_are_zero():
+    v = build_view(P, 3, [kv("/nodes/a", model.encode_node("a", 4, 1, 0, {"web": "RUNNING"}, {"web": 3}), lease=4),
+                          kv("/nodes/b", b'{"processes": {"web": "x", "db": NaN, "x": -1, "y": 1e400}}', lease=5),
+                          kv("/nodes/c", b'{"processes": [1, 2]}', lease=6)])
+    assert dict(v.nodes["a"].processes) == {"web": 3}
+    assert dict(v.nodes["b"].processes) == {"web": 0, "db": 0, "x": 0, "y": 0}
+    assert dict(v.nodes["c"].processes) == {}
+
+
 @pytest.mark.parametrize("raw", [b'{"pid": Infinity}', b'{"pid": NaN}', b'{"pid": 1e400}'])
 def test_node_with_non_finite_pid_never_raises(raw):
     v = build_view(P, 3, [kv("/nodes/a", raw, lease=4)])

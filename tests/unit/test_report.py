@@ -16,8 +16,10 @@ T0 = 1700000000.0  # 2023-11-14T22:13:20Z
 def cluster() -> ClusterView:
     return ClusterView(
         revision=123,
-        nodes={"a": NodeInfo(node="a", lease=0xA1, pid=4242, started=T0, services={"web": "RUNNING"}),
-               "b": NodeInfo(node="b", lease=0xB1, pid=77, started=T0 + 60, services={"web": "STOPPED"})},
+        nodes={"a": NodeInfo(node="a", lease=0xA1, pid=4242, started=T0, services={"web": "RUNNING"},
+                             processes={"web": 3}),
+               "b": NodeInfo(node="b", lease=0xB1, pid=77, started=T0 + 60, services={"web": "STOPPED"},
+                             processes={"web": 0})},
         candidates={"web": {"a": Candidate("a", 200, "198.18.0.100/24"), "b": Candidate("b", 100, "198.18.0.100/24"),
                             "c": Candidate("c", 999, "198.18.0.100/24")},
                     "db": {"b": Candidate("b", 1)}},
@@ -49,6 +51,7 @@ def test_status_owned_service():
         "paused": False,
         "moving_to": None,
         "cooling_down": [],
+        "processes": {"a": 3},  # b's empty cgroup is not listed
     }
 
 
@@ -64,10 +67,10 @@ def test_status_vacant_services():
 def test_status_nodes_alive_and_dead():
     nodes = report.status(cluster())["nodes"]
     assert nodes["a"] == {"alive": True, "pid": 4242, "started": "2023-11-14T22:13:20Z", "lease": "a1",
-                          "owns": ["web"], "drained": False, "lease_ttl_left": None}
+                          "owns": ["web"], "drained": False, "lease_ttl_left": None, "processes": {"web": 3}}
     assert nodes["b"]["alive"] is True and nodes["b"]["owns"] == []
     assert nodes["c"] == {"alive": False, "pid": None, "started": None, "lease": None, "owns": [],
-                          "drained": False, "lease_ttl_left": None}
+                          "drained": False, "lease_ttl_left": None, "processes": {}}
 
 
 def test_owner_on_dead_node_state_unknown():
@@ -100,11 +103,12 @@ def test_empty_view():
 def test_table_contains_rows():
     text = report.table(report.status(cluster()))
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"]
+    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "PROCS", "VIP", "TOKEN", "SINCE", "CANDIDATES",
+                                "NOTES"]
     rows = {line.split()[0]: line.split() for line in lines if line}
-    assert rows["web"] == ["web", "a", "RUNNING", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b", "-"]
-    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "b", "-"]
-    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-"]
+    assert rows["web"] == ["web", "a", "RUNNING", "3", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b", "-"]
+    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "-", "b", "-"]
+    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-", "-"]
     assert rows["NODE"] == ["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"]
     assert rows["a"] == ["a", "yes", "-", "-", "web", "2023-11-14T22:13:20Z"]
     assert rows["c"] == ["c", "NO", "-", "-", "-", "-"]
@@ -141,3 +145,16 @@ def test_status_shows_intents_and_lease_time_left():
     assert doc["nodes"]["a"]["lease_ttl_left"] == 2
     text = report.table(doc)
     assert "moving to b" in text and "PAUSED" in text and "DRAINED" in text
+
+
+def test_leftover_processes_on_a_node_that_does_not_own_the_service_are_shown():
+    base = cluster()
+    nodes = dict(base.nodes)
+    nodes["b"] = NodeInfo(node="b", lease=0xB1, services={"web": "EXITED"}, processes={"web": 2})
+    v = ClusterView(revision=1, nodes=nodes, candidates=base.candidates, owners=base.owners, members=base.members,
+                    services=base.services)
+    doc = report.status(v)
+    assert doc["services"]["web"]["processes"] == {"a": 3, "b": 2}
+    assert doc["nodes"]["b"]["processes"] == {"web": 2}
+    web = next(line for line in report.table(doc).splitlines() if line.startswith("web"))
+    assert "LEFTOVER processes on b (2)" in web
