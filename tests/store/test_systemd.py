@@ -18,9 +18,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.store
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def unit_settings(unit: str) -> dict[str, str]:
+    """KEY=VALUE of the [Service] section (the last one wins, as in systemd)."""
+    found, section = {}, ""
+    for line in unit.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found[key.strip()] = value.strip()
+    return found
 
 
 def test_unit_file_verifies(tmp_path):
@@ -30,6 +45,13 @@ def test_unit_file_verifies(tmp_path):
     unit = (REPO / "deploy" / "etcdha.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "Restart=always" in unit
     assert "CAP_NET_ADMIN" in unit and "CAP_NET_RAW" in unit
+    service = unit_settings(unit)
+    # containment in production: the services live in the unit's delegated cgroup, so when the agent
+    # dies (its fence with it) systemd SIGKILLs everything left there before restarting it
+    assert service["Delegate"] == "yes"
+    assert service["KillMode"] == "mixed"
+    assert service.get("ProtectControlGroups", "no") == "no", "the agent must be able to write its cgroups"
+    assert "CAP_SYS_RESOURCE" in service["CapabilityBoundingSet"].split(), "the fence's oom_score_adj -1000"
     # verify the shipped file with ExecStart pointing at this checkout's etcdha (the only local change)
     local = tmp_path / "etcdha.service"
     local.write_text(unit.replace("/opt/etcdha/venv/bin/etcdha", str(etcdha)))
@@ -80,3 +102,39 @@ def test_agent_speaks_the_notify_protocol(etcd_server, tmp_path, cgroup_root):
             agent.wait(10)
         listener.close()
         print((tmp_path / "agent.log").read_text()[-3000:])
+
+
+def test_under_a_delegated_unit_the_agent_moves_to_a_leaf_and_services_go_beside_it(etcd_server, tmp_path,
+                                                                                    cgroup_root):
+    """What Delegate=yes gives the agent, reproduced without systemd: a unit cgroup marked as delegated
+    (the trusted.delegate xattr systemd sets) and INVOCATION_ID in the environment, no cgroup_root."""
+    unit = cgroup_root / "etcdha-test.service"
+    unit.mkdir(parents=True)
+    os.setxattr(unit, "trusted.delegate", b"1")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "node": "sd2", "etcd": {"endpoints": [etcd_server.endpoint], "prefix": f"/sd-{uuid.uuid4().hex[:8]}"},
+        "run_dir": str(tmp_path / "run"), "startup_grace": 0,
+        "services": {"sleeper": {"command": ["sleep", "300"], "startsecs": 0}},
+    }))
+    env = {**os.environ, "INVOCATION_ID": uuid.uuid4().hex}
+    # enter the "unit" first, as systemd starts a service inside its cgroup
+    agent = subprocess.Popen(["sh", "-c", f'echo $$ > "{unit}/cgroup.procs" && exec "$@"', "sh",
+                              sys.executable, "-m", "etcdha", "agent", "--config", str(config)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("wb"))
+    try:
+        wait_for(lambda: (unit / "services" / "sleeper" / "cgroup.procs").exists() and
+                 (unit / "services" / "sleeper" / "cgroup.procs").read_text().split(), 20,
+                 what="the service to run in UNIT/services/sleeper")
+        own = Path(f"/proc/{agent.pid}/cgroup").read_text()
+        assert f"0::/{unit.relative_to(cgroup_root.parent)}/agent\n" in own, own
+        assert (unit / "cgroup.procs").read_text().split() == [], "no process left in the unit's inner node"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(5)
+    assert agent.returncode == 0, (tmp_path / "agent.log").read_text()
+    assert not (unit / "services" / "sleeper").exists(), "a graceful stop gives the service cgroups back"
