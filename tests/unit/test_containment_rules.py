@@ -1,0 +1,104 @@
+"""Pure containment rules: where the cgroup subtree goes, the netlink delete request, history key ownership."""
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from etcdha import cgroup, model, netlink
+from etcdha.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+HYBRID = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+UNIFIED = "proc /proc proc rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n"
+V1_ONLY = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+
+
+@pytest.mark.parametrize("mounts, expected", [
+    (HYBRID, Path("/sys/fs/cgroup/unified")),
+    (UNIFIED, Path("/sys/fs/cgroup")),
+    (V1_ONLY, None),
+    ("", None),
+])
+def test_cgroup2_mount_from_proc_mounts(mounts, expected):
+    assert cgroup.cgroup2_mount(mounts) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0::/system.slice/etcdha.service\n", "/system.slice/etcdha.service"),
+    ("9:name=systemd:/system.slice/etcdha.service\n0::/system.slice/etcdha.service\n",
+     "/system.slice/etcdha.service"),
+    ("0::/\n", "/"),
+    ("4:memory:/x\n", None),  # cgroup v1 only
+])
+def test_own_cgroup_from_proc_self_cgroup(text, expected):
+    assert cgroup.own_cgroup(text) == expected
+
+
+MOUNT = Path("/sys/fs/cgroup")
+UNIT = "/system.slice/etcdha.service"
+
+
+@pytest.mark.parametrize("configured, own, under_systemd, delegated, root, moves_to", [
+    # the config wins, whatever else is true
+    (Path("/sys/fs/cgroup/ha/n1"), UNIT, True, True, Path("/sys/fs/cgroup/ha/n1"), None),
+    # systemd with Delegate=yes: the unit's cgroup, the agent moves to a leaf of its own
+    (None, UNIT, True, True, MOUNT / "system.slice/etcdha.service", MOUNT / "system.slice/etcdha.service/agent"),
+    # systemd without delegation, or no systemd at all: a subtree of the mount named after the node
+    (None, UNIT, True, False, MOUNT / "etcdha/n1", None),
+    (None, "/user.slice/session-1.scope", False, False, MOUNT / "etcdha/n1", None),
+    (None, "/", False, False, MOUNT / "etcdha/n1", None),
+])
+def test_placement(configured, own, under_systemd, delegated, root, moves_to):
+    placed = cgroup.choose_placement(configured, MOUNT, own, under_systemd, delegated, "n1")
+    assert (placed.root, placed.move_self_to) == (root, moves_to)
+    assert placed.why
+
+
+def test_no_cgroup2_is_a_clear_refusal_not_a_fallback():
+    with pytest.raises(ConfigError, match="no cgroup v2 hierarchy is mounted"):
+        cgroup.choose_placement(None, None, None, False, False, "n1")
+
+
+@pytest.mark.parametrize("cidr, family, prefixlen, attrs", [
+    ("198.18.0.100/24", socket.AF_INET, 24, [(2, bytes([198, 18, 0, 100])), (1, bytes([198, 18, 0, 100]))]),
+    ("2001:2::5/64", socket.AF_INET6, 64, [(1, socket.inet_pton(socket.AF_INET6, "2001:2::5"))]),
+])
+def test_netlink_delete_request(cidr, family, prefixlen, attrs):
+    msg = netlink.delete_request(7, cidr, seq=42)
+    length, kind, flags, seq, _pid = struct.unpack_from("IHHII", msg)
+    assert (length, kind, seq) == (len(msg), netlink.RTM_DELADDR, 42)
+    assert flags == netlink.NLM_F_REQUEST | netlink.NLM_F_ACK
+    fam, plen, _flags, _scope, index = struct.unpack_from("BBBBI", msg, 16)
+    assert (fam, plen, index) == (family, prefixlen, 7)
+    found, offset = [], 24
+    while offset < len(msg):
+        alen, akind = struct.unpack_from("HH", msg, offset)
+        found.append((akind, msg[offset + 4:offset + alen]))
+        offset += (alen + 3) & ~3
+    assert found == attrs
+
+
+@pytest.mark.parametrize("segment, ours", [
+    ("01795687228968279-n1", True),
+    ("01795687228968279-node.a_b-c", True),
+    ("nodes", False),                       # a nested cluster's key segment
+    ("01795687228968279-n1/x", False),
+    ("1795687228968279-n1", False),         # 16 digits: not what we write
+    ("01795687228968279-", False),
+])
+def test_history_pruning_recognises_only_its_own_keys(segment, ours):
+    assert model.is_history_id(segment) is ours
+
+
+def test_history_id_is_what_pruning_recognises():
+    event = model.Event("web", 1795687228.968279, "n1", "claimed", "vacant", 3)
+    assert model.is_history_id(model.history_id(event))
