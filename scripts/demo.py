@@ -2,15 +2,18 @@
 """Demo: a 3-node etcdha cluster in network namespaces, then two failovers, narrated.
 
 Brings up etcd and three agents that share one service (an HTTP server on VIP
-198.18.0.100), shows `etcdha status`, kills the owner's agent with SIGKILL and
-shows who answers on the VIP over time, moves the service by hand (`etcdha
-move`), then stops the owner's agent gracefully.
+198.18.0.100 that also leaves a detached helper process behind, as daemons do),
+shows `etcdha status`, kills the owner's agent with SIGKILL and shows who answers
+on the VIP over time, kills the next owner's fence to show that every process of
+the service - the detached one too - dies with its cgroup, moves the service by
+hand (`etcdha move`), then stops the owner's agent gracefully.
 Everything is removed at the end (or on Ctrl-C). `--keep` leaves the cluster
 running until Ctrl-C so you can poke at it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -47,6 +50,24 @@ def failover(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig: int, l
     show_status(cluster)
 
 
+def fence_killed(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe) -> None:
+    owner = sampler.holder()
+    node = cluster.nodes[owner]
+    L.wait_until(lambda: len(node.service_pids()) >= 2, 10, "web and its detached helper")
+    pids = node.service_pids()
+    say(f"containment: kill -9 of {owner}'s fence while web runs {len(pids)} processes in its cgroup "
+        "(one detached with setsid, unknown to supervisord)")
+    t0 = time.monotonic()
+    os.kill(node.fence_pid(), signal.SIGKILL)
+    L.wait_until(lambda: not any(L.running(p) for p in pids), 5, "web's processes to die", interval=0.005)
+    gone = time.monotonic() - t0
+    L.wait_until(lambda: probe.first_answer_after(t0, exclude=owner), 20, "another node to answer")
+    time.sleep(0.5)
+    print(timeline(probe, t0 - 0.2, time.monotonic()))
+    print(f"   all {len(pids)} processes of web on {owner} were gone {gone * 1000:.0f} ms after its fence died; "
+          f"{sampler.holder()} answered {probe.first_answer_after(t0, exclude=owner) - t0:.2f}s after it")
+
+
 def planned_move(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe) -> None:
     owner = sampler.holder()
     say(f"planned move: etcdha move web (from {owner} to the best other live candidate)")
@@ -72,7 +93,9 @@ def main() -> int:
     say("creating network namespaces (switch, etcd, client, n1..n3) on 198.18.0.0/24")
     with L.Lab() as lab:
         etcd = L.Etcd(lab)
-        cluster = L.Cluster(lab, etcd, "/etcdha")
+        web = {"command": L.sample_service_command("web", L.PORT, "--orphan"), "vip": f"{L.VIP}/24",
+               "interface": "eth0"}
+        cluster = L.Cluster(lab, etcd, "/etcdha", {"services": {"web": web}})
         probe = None
         try:
             etcd.start()
@@ -86,6 +109,7 @@ def main() -> int:
                 print(f"   {L.VIP}:{L.PORT} answers from {probe.last()}")
                 show_status(cluster)
                 failover(cluster, sampler, probe, signal.SIGKILL, "crash")
+                fence_killed(cluster, sampler, probe)
                 planned_move(cluster, sampler, probe)
                 failover(cluster, sampler, probe, signal.SIGTERM, "agent stopped")
                 say(f"invariant: {sampler.samples} samples of every node's VIP and processes, "

@@ -108,6 +108,15 @@ def stale_cgroups() -> list[Path]:
     return stale
 
 
+def running(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (a killed process may wait a while to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
 def child_with(parent: int, marker: bytes) -> Optional[int]:
     """The PID of a child of `parent` whose command line contains `marker`, if any (one /proc scan)."""
     for entry in os.listdir("/proc"):
