@@ -102,6 +102,11 @@ def _read(path: str) -> str:
         return ""
 
 
+def _inside(path: Path, mount: Path) -> bool:
+    resolved = Path(os.path.realpath(path))
+    return resolved != mount and (mount in resolved.parents)
+
+
 def _has_xattr(path: Path, name: str) -> bool:
     try:
         return os.getxattr(path, name) not in (b"", b"0")
@@ -213,6 +218,11 @@ class NodeCgroups:
         Raises ConfigError naming what is missing, so the agent refuses to start rather
         than run services it could not contain.
         """
+        mount = cgroup2_mount(_read("/proc/mounts"))
+        if mount is None or not _inside(self.root, mount):
+            raise ConfigError(f"{self.root} ({self.placement.why}) is not a directory below the cgroup v2 mount "
+                              f"({mount or 'none'}; see /proc/mounts): etcdha contains every service in a cgroup "
+                              "v2 of its own, e.g. cgroup_root: /sys/fs/cgroup/etcdha")
         try:
             self.services_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
