@@ -45,7 +45,6 @@ class Actuator:
         self.fence: Optional[FenceClient] = None
         self.supervisord_pid = 0
         self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
-        self._exit_expected = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -69,7 +68,6 @@ class Actuator:
     def start_runtime(self) -> None:
         """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""
         self.supervisor.prepare()
-        self._exit_expected = False
         self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
                                  self.supervisor.command(), on_exit=self._fence_exited)
         self.supervisord_pid = self.fence.start()
@@ -88,14 +86,14 @@ class Actuator:
         if self.fence is not None:
             self.fence.feed(deadline)
 
-    def _fence_exited(self) -> None:
+    def _fence_exited(self, fence: FenceClient) -> None:
         """Runs on the fence's reader thread when it exits: unless we asked, empty everything at once.
 
         The fence may have been killed (kill -9, the OOM killer) before it could kill
         anything; supervisord dies with it (PDEATHSIG), but daemons in the service
         cgroups would not. One write kills them all, long before our lease can expire.
         """
-        if self._exit_expected:
+        if fence.exit_requested or fence is not self.fence:  # asked for, or an older fence's late EOF
             return
         began = time.monotonic()
         try:
@@ -185,7 +183,6 @@ class Actuator:
 
     def fence_now(self) -> bool:
         """Kill every service process and drop every VIP now; True once the cgroups are verified empty."""
-        self._exit_expected = True
         if self.runtime_alive():
             self.fence.fire()
         empty = self.cgroups.empty_all(KILL_GRACE)
@@ -201,7 +198,6 @@ class Actuator:
 
     def shutdown(self) -> None:
         """Stop the fence (it stops supervisord and checks the subtree), then give the cgroups back."""
-        self._exit_expected = True
         if self.fence is not None:
             self.fence.quit()
         self.cgroups.release()

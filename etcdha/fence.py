@@ -245,13 +245,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 class FenceClient:
     """The agent's side: start the fence (and through it supervisord), feed it, stop it.
 
-    `on_exit` runs on the reader thread the moment the fence's stdout closes (it
-    exited, fired or was killed): the agent empties the service cgroups from there
-    at once instead of waiting for its loop.
+    `on_exit(client)` runs on the reader thread the moment the fence's stdout closes
+    (it exited, fired or was killed): the agent empties the service cgroups from
+    there at once instead of waiting for its loop. `exit_requested` tells whether
+    we asked for that exit (fire, quit).
     """
 
     def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path,
-                 supervisord_command: Sequence[str], on_exit: Callable[[], None] = lambda: None):
+                 supervisord_command: Sequence[str],
+                 on_exit: Callable[["FenceClient"], None] = lambda client: None):
         argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin), "--cgroup", str(services)]
         for interface, cidr in vips:
             argv += ["--vip", interface, cidr]
@@ -259,6 +261,7 @@ class FenceClient:
         self.proc: Optional[subprocess.Popen] = None
         self.messages: list[str] = []
         self.on_exit = on_exit
+        self.exit_requested = False
         self._lock = threading.Lock()
 
     def start(self, timeout: float = 10.0) -> int:
@@ -281,7 +284,7 @@ class FenceClient:
                 log.warning("fence: %s", msg)
             else:
                 log.info("fence: %s", msg)
-        self.on_exit()
+        self.on_exit(self)
 
     def _send(self, line: str) -> bool:
         with self._lock:
@@ -302,6 +305,7 @@ class FenceClient:
     def _finish(self, command: str, timeout: float) -> Optional[int]:
         if self.proc is None:
             return None
+        self.exit_requested = True
         self._send(command)
         try:
             return self.proc.wait(timeout)
