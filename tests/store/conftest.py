@@ -113,6 +113,12 @@ def cgroup_root():
     mount = cgroup.cgroup2_mount(Path("/proc/mounts").read_text())
     if os.geteuid() != 0 or mount is None:
         pytest.skip("needs root and a cgroup v2 mount (service containment)")
+    for stale in mount.glob("etcdha-test-*-*"):  # left by an interrupted run (its pytest is gone)
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            cgroup.kill(stale)
+            cgroup.wait_empty(stale, 5)
+            cgroup.remove(stale)
     root = mount / f"etcdha-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield root
