@@ -9,6 +9,7 @@ sees three nodes. The invariant sampler runs throughout; any double copy is repo
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import signal
 import statistics
@@ -17,7 +18,9 @@ import time
 
 import lab as L
 
-SCENARIOS = {"kill-9": signal.SIGKILL, "sigterm": signal.SIGTERM, "move": None}
+# how each fault is injected on the owner: a signal to its agent, kill -9 of one of its helpers, or a move
+SCENARIOS = {"kill-9": signal.SIGKILL, "sigterm": signal.SIGTERM, "fence-kill-9": "fence",
+             "supervisord-kill-9": "supervisord", "move": None}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -27,12 +30,12 @@ def pct(values: list[float], p: float) -> float:
 
 def summary(name: str, values: list[float]) -> str:
     if not values:
-        return f"{name:<22} no data"
-    return (f"{name:<22} n={len(values):<3} min {min(values):6.3f}  median {statistics.median(values):6.3f}  "
+        return f"{name:<28} no data"
+    return (f"{name:<28} n={len(values):<3} min {min(values):6.3f}  median {statistics.median(values):6.3f}  "
             f"p90 {pct(values, 90):6.3f}  max {max(values):6.3f}")
 
 
-def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig: int, ttl: float) -> tuple[float, float]:
+def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig, ttl: float) -> tuple[float, float]:
     owner = L.wait_until(sampler.holder, 30, "an owner")
     L.wait_until(lambda: probe.last() == owner, 10, f"the VIP to answer from {owner}")
     time.sleep(0.3)
@@ -41,6 +44,10 @@ def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig: int, ttl:
         res = cluster.cli("move", "web", "--no-wait")
         if res.returncode:
             raise RuntimeError(f"etcdha move failed: {res.stderr.strip()}")
+    elif sig == "fence":
+        os.kill(cluster.nodes[owner].fence_pid(), signal.SIGKILL)
+    elif sig == "supervisord":
+        os.kill(cluster.nodes[owner].supervisord_pid(), signal.SIGKILL)
     else:
         cluster.nodes[owner].signal(sig)
     first = L.wait_until(lambda: probe.first_answer_after(t0, exclude=owner), ttl + 15, "takeover")
