@@ -95,6 +95,18 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def stop_process(proc: Optional[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM (an agent stops its programs gracefully), then SIGKILL; by our own handle only."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def kill_pid(pid: Optional[int]) -> None:
     if pid and pid_alive(pid):
         try:

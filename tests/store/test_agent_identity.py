@@ -4,7 +4,6 @@ Real agents (process-only services, no VIP; root for their cgroups) against the 
 """
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import yaml
 
 from etcdha import cgroup
 
-from .conftest import wait_for
+from .conftest import stop_process, wait_for
 
 pytestmark = pytest.mark.store
 
@@ -25,15 +24,8 @@ def owner_of(store, service: str):
 
 
 def stop(*procs) -> None:
-    """SIGTERM (graceful: the agent stops its programs), then SIGKILL; by our own handles."""
     for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, timeout=20)
 
 
 def agent(tmp_path, endpoint, prefix, run: str, cgroup_root) -> subprocess.Popen:

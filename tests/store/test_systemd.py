@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import wait_for
+from .conftest import stop_process, wait_for
 
 pytestmark = pytest.mark.store
 
@@ -130,11 +130,6 @@ def test_under_a_delegated_unit_the_agent_moves_to_a_leaf_and_services_go_beside
         assert f"0::/{unit.relative_to(cgroup_root.parent)}/agent\n" in own, own
         assert (unit / "cgroup.procs").read_text().split() == [], "no process left in the unit's inner node"
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(5)
+        stop_process(agent)
     assert agent.returncode == 0, (tmp_path / "agent.log").read_text()
     assert not (unit / "services" / "sleeper").exists(), "a graceful stop gives the service cgroups back"

@@ -190,16 +190,19 @@ def test_environment_values_must_be_scalars(value):
     only_error(web(environment={"A": value}), "services.web.environment.A: expected a string value")
 
 
+def path_doc(where: str, value: str) -> tuple[dict, str]:
+    """A config with `value` at the path key `where`, and that key's path in error messages."""
+    if where == "directory":
+        return web(directory=value), "services.web.directory"
+    if where in ("ca_cert", "cert", "key"):
+        return doc(etcd={where: value}), f"etcd.{where}"
+    return doc(**{where: value}), where
+
+
 @pytest.mark.parametrize("c", CONTROL, ids=_ids)
 @pytest.mark.parametrize("where", ["directory", "run_dir", "ca_cert", "cert", "key", "cgroup_root"])
 def test_control_characters_in_paths(where, c):
-    value = f"/srv/a{c}b"
-    if where == "directory":
-        data, path = web(directory=value), "services.web.directory"
-    elif where in ("ca_cert", "cert", "key"):
-        data, path = doc(etcd={where: value}), f"etcd.{where}"
-    else:
-        data, path = doc(**{where: value}), where
+    data, path = path_doc(where, f"/srv/a{c}b")
     only_error(data, f"{path}: expected a")
     assert "control characters" in errors(data)[0]
 
@@ -282,12 +285,7 @@ def test_directory_may_contain_spaces():
 @pytest.mark.parametrize("value", ["srv/app", "./app", "~/app", "", "app"])
 @pytest.mark.parametrize("where", ["directory", "run_dir", "ca_cert", "cert", "key", "cgroup_root"])
 def test_relative_paths_rejected(where, value):
-    if where == "directory":
-        data, path = web(directory=value), "services.web.directory"
-    elif where in ("ca_cert", "cert", "key"):
-        data, path = doc(etcd={where: value}), f"etcd.{where}"
-    else:
-        data, path = doc(**{where: value}), where
+    data, path = path_doc(where, value)
     only_error(data, f"{path}: expected an absolute path (starting with /) (got {value!r})")
 
 

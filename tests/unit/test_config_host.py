@@ -3,7 +3,6 @@ directories, TLS files), each problem one line naming file and key path."""
 from __future__ import annotations
 
 import os
-import sys
 import shutil
 import tempfile
 import json
