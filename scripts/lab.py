@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -130,6 +131,48 @@ def child_with(parent: int, marker: bytes) -> Optional[int]:
         except (OSError, ValueError):
             continue
     return None
+
+
+def parent_of(pid: int) -> Optional[int]:
+    """The parent PID of `pid` (from /proc/PID/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+# A process of a service that supervisord does not know about, as a daemonizing program leaves
+# behind: detached (setsid, double fork), SIGTERM ignored, in the service's cgroup. It stays only
+# if the cgroup already held a process (the service runs there); only then does it take the
+# --name= marker the Sampler looks for. argv: cgroup directory, service name.
+STRAY = r"""
+import os, signal, sys
+group, name = sys.argv[1], sys.argv[2]
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+try:
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    with open(os.path.join(group, "cgroup.procs")) as f:
+        others = [p for p in f.read().split() if p != str(os.getpid())]
+except OSError as exc:
+    print("error", exc, flush=True)
+    os._exit(1)
+if not others:
+    print("refused", flush=True)
+    os._exit(0)
+print("placed", os.getpid(), flush=True)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.execv(sys.executable, [sys.executable, "-c", "import time\nfor _ in range(3600):\n    time.sleep(1)",
+                          "--name=" + name])
+"""
 
 
 def destroy_namespace(ns: str) -> None:
@@ -438,6 +481,31 @@ class Node:
         except OSError:
             return []
 
+    def program_pid(self, service: str = "web") -> Optional[int]:
+        """The process supervisord started for `service` (its child in the service's cgroup), if any."""
+        supervisord = self.supervisord_pid()
+        return next((p for p in self.service_pids(service) if supervisord and parent_of(p) == supervisord), None)
+
+    def inject_stray(self, service: str = "web", timeout: float = 5) -> Optional[int]:
+        """Leave a process of `service` here that supervisord does not know about (see STRAY); its PID.
+
+        None if the service's cgroup here held no process (the stray then exits at once: a
+        process of a service that does not run here would be a second copy of our own making).
+        """
+        proc = self.lab.popen(self.name, [sys.executable, "-c", STRAY, str(self.cgroup / "services" / service),
+                                          service], stdout=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline() if select.select([proc.stdout], [], [], timeout)[0] else ""
+        finally:
+            proc.stdout.close()
+            try:
+                proc.wait(timeout)  # the first process exits at once; the stray is its grandchild
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        words = line.split()
+        return int(words[1]) if words[:1] == ["placed"] and len(words) == 2 else None
+
     def cut_etcd_link(self) -> None:
         """Silently drop everything this node sends to etcd (the VIP stays reachable for clients)."""
         for role in self.lab.etcd_roles:
@@ -520,15 +588,16 @@ class Cluster:
 
 
 class Probe:
-    """Asks the VIP who answers, every `interval` seconds, from the client namespace.
+    """Asks the VIP (or `url`) who answers, every `interval` seconds, from the client namespace.
 
     Each answer is (monotonic time, node or None); the monotonic clock is system-wide,
     so times compare with the test's own.
     """
 
-    def __init__(self, lab: Lab, interval: float = 0.02, duration: float = 600):
+    def __init__(self, lab: Lab, interval: float = 0.02, duration: float = 600, url: Optional[str] = None):
         self.answers: list[tuple[float, Optional[str]]] = []
-        self.proc = lab.popen("cl", [sys.executable, str(REPO / "scripts" / "probe.py"), f"http://{VIP}:{PORT}/",
+        self.url = url or f"http://{VIP}:{PORT}/"  # another service's VIP and port, e.g. http://198.18.0.101:8081/
+        self.proc = lab.popen("cl", [sys.executable, str(REPO / "scripts" / "probe.py"), self.url,
                                      "--interval", str(interval), "--duration", str(duration)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
