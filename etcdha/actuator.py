@@ -79,8 +79,8 @@ class Actuator:
         return self.fence is not None and self.fence.alive()
 
     def runtime_exit(self) -> str:
-        """Why the fence exited, from its last message."""
-        return "; ".join(self.fence.messages[-1:]) if self.fence else "not started"
+        """Why the fence exited: killed by a signal, or the reason it fired."""
+        return self.fence.exit_reason() if self.fence else "not started"
 
     def feed(self, deadline: float) -> None:
         if self.fence is not None:
@@ -101,8 +101,9 @@ class Actuator:
         except ActuatorError as exc:
             log.error("the fence exited and killing the service cgroups failed: %s", exc)
         removed = vip.remove_all(self.config.vips)
+        took = (time.monotonic() - began) * 1000
         log.error("the fence exited (%s): killed every service cgroup and removed %s in %.0f ms",
-                  self.runtime_exit() or "no message", removed or "no VIPs", (time.monotonic() - began) * 1000)
+                  fence.exit_reason(), removed or "no VIPs", took)
         self.wake()
 
     # ---- facts -----------------------------------------------------------------------------------

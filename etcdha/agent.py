@@ -56,6 +56,7 @@ class Agent:
         self.vacant_since: dict[str, float] = {}
         self.published: Optional[dict] = None
         self.local = Local({}, {}, frozenset())
+        self.abandoned: set[int] = set()  # our own earlier leases, given up after everything here was killed
         self.etcd_ok = True
         self.problems: set[str] = set()  # garbage keys already reported
         self.started = time.time()
@@ -121,6 +122,10 @@ class Agent:
                     for s in self.config.services.values()})
                 if held is not None:
                     self.lease.revoke()
+                    if held.lease in self.abandoned:  # ours, given up when etcd could not be told: end it now
+                        self.store.revoke(held.lease)
+                        log.info("revoked our previous lease %x, which etcd still held", held.lease)
+                        continue
                     self.name_taken(held, first_seen)
                     self.stopping.wait(0.5)
                     continue
@@ -170,6 +175,7 @@ class Agent:
             sd_notify("WATCHDOG=1\nSTATUS=waiting for service processes to die")
             if self.stopping.wait(1.0):
                 return
+        self.abandoned.add(self.lease.id)  # nothing of it runs here any more: join() may revoke it later
         try:
             self.store.revoke(self.lease.id)  # if etcd still has it, let others take over at once
         except StoreError:
@@ -190,15 +196,17 @@ class Agent:
         if empty:
             for service, token in self.owned.items():
                 self.record(service, "released", "agent stopped", token)
-        if self.lease is not None and self.lease.id and empty:
+        if self.lease is not None and not empty:
+            self.lease.stop()
+            log.error("service processes survive SIGKILL: not revoking the lease (it runs out after its TTL)")
+        elif self.lease is not None and self.lease.id:
             try:
                 self.lease.revoke()
                 log.info("revoked lease %x", self.lease.id)
             except StoreError as exc:
                 log.warning("could not revoke the lease (others take over after its TTL): %s", exc)
         elif self.lease is not None:
-            self.lease.stop()
-            log.error("service processes survive SIGKILL: not revoking the lease (it runs out after its TTL)")
+            self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
         self.hands.shutdown()
         self.store.close()
 

@@ -262,6 +262,7 @@ class FenceClient:
         self.messages: list[str] = []
         self.on_exit = on_exit
         self.exit_requested = False
+        self._reader: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
     def start(self, timeout: float = 10.0) -> int:
@@ -273,7 +274,8 @@ class FenceClient:
         if line[:1] != ["ready"]:
             self.proc.kill()
             raise ActuatorError(f"the fence did not start within {timeout:g}s (said {line!r})")
-        threading.Thread(target=self._read, name="etcdha-fence-out", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="etcdha-fence-out", daemon=True)
+        self._reader.start()
         return int(line[1])
 
     def _read(self) -> None:
@@ -301,6 +303,23 @@ class FenceClient:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_reason(self, timeout: float = 1.0) -> str:
+        """Why the fence exited: its signal, or its `fired ...` line (all of its output read first)."""
+        if self.proc is None:
+            return "not started"
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        fired = [m for m in self.messages if m.startswith("fired")]
+        if code == FIRED_EXIT and fired:
+            return fired[-1]
+        return f"exited with status {code}" + (f" ({self.messages[-1]})" if self.messages else "")
 
     def _finish(self, command: str, timeout: float) -> Optional[int]:
         if self.proc is None:

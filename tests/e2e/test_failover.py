@@ -125,3 +125,22 @@ def test_program_that_cannot_stay_up_moves_to_another_node(make_cluster, sampler
     assert "released web" in cluster.nodes["n1"].log.read_text()
     assert not any(sampler.sample()["n1"])
     assert sampler.violations == []
+
+
+def test_after_etcd_was_down_longer_than_the_ttl_fenced_nodes_rejoin_at_once(lab, make_cluster, sampler, probe):
+    """Owners fence themselves while etcd is down; when it is back, etcd still holds their old
+    leases (it extends leases on restart). An agent revokes its own abandoned lease at once
+    instead of waiting for it to expire as if another agent held its name."""
+    cluster = make_cluster()
+    settle(cluster, sampler, probe, "n1")
+    lab.etcd.stop()
+    wait_until(lambda: "n1" in cluster.fenced(), TTL + 3, "the owner to fence itself while etcd is down")
+    lab.etcd.start()
+    back = time.monotonic()
+    wait_until(lambda: all(n["alive"] for n in cluster.status()["nodes"].values()), 10, "every node to rejoin")
+    rejoined = time.monotonic() - back
+    wait_until(lambda: sampler.holder() is not None, 15, "a node to run web again")
+    assert "revoked our previous lease" in cluster.nodes["n1"].log.read_text()
+    assert "(our previous run?)" not in cluster.nodes["n1"].log.read_text()
+    assert rejoined < TTL + 3, f"rejoining took {rejoined:.1f}s after etcd came back"
+    assert sampler.violations == []
