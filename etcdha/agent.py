@@ -54,6 +54,7 @@ class Agent:
         self.watcher = None
         self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
         self.vacant_since: dict[str, float] = {}
+        self.candidate_since: dict[tuple[str, str], float] = {}
         self.published: Optional[dict] = None
         self.local = Local({}, {}, frozenset())
         self.abandoned: set[int] = set()  # our own earlier leases, given up after everything here was killed
@@ -233,6 +234,7 @@ class Agent:
         now = self.clock()
         if view is not None:
             self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
+            self.candidate_since = decide.track_candidates(self.candidate_since, view, now)
             self.owned = {svc: o.token for svc, o in view.owners.items()
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
         facts = decide.Facts(
@@ -241,7 +243,8 @@ class Agent:
             vips_up=local.vips_up,
             with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
             wall_now=time.time(), vacant_since=dict(self.vacant_since),
-            claim_delay=self.config.claim_delay, claims_from=self.claims_from)
+            claim_delay=self.config.claim_delay, claims_from=self.claims_from,
+            candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace)
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)

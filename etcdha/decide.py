@@ -76,6 +76,8 @@ class Facts:
     vacant_since: Mapping[str, float] = field(default_factory=dict)
     claim_delay: float = 0.5
     claims_from: float = 0.0  # no claims before this (startup grace: let peers register first)
+    candidate_since: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> first seen
+    startup_grace: float = 0.0  # a peer that just registered claims nothing for this long (same config assumed)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,13 @@ def track_vacancy(previous: Mapping[str, float], view: ClusterView, services: Ma
     """
     return {s: previous.get(s, now) for s in services
             if s not in view.owners and s not in view.moves and not view.is_paused(s)}
+
+
+def track_candidates(previous: Mapping[tuple[str, str], float], view: ClusterView,
+                     now: float) -> dict[tuple[str, str], float]:
+    """When each live candidate key was first seen here (a restarted peer's key counts anew)."""
+    return {(svc, c.node): previous.get((svc, c.node), now)
+            for svc in view.candidates for c in view.live_candidates(svc)}
 
 
 def claim_rank(view: ClusterView, service: str, me: str) -> Optional[int]:
@@ -190,7 +199,11 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         rank = claim_rank(view, svc, f.me)
         if rank is None:
             continue  # our candidate key is not (yet) there; ENROLL above fixes that
-        due = max(f.vacant_since.get(svc, f.now), f.claims_from) + rank * f.claim_delay
+        # a better candidate that registered moments ago claims only after its startup grace: wait for it
+        # too, or whoever started first would win a cold start instead of the preferred node
+        better_ready = max((f.candidate_since[(svc, c.node)] + f.startup_grace for c in view.eligible(svc)[:rank]
+                            if (svc, c.node) in f.candidate_since), default=0.0)
+        due = max(f.vacant_since.get(svc, f.now), f.claims_from, better_ready) + rank * f.claim_delay
         if f.now >= due:
             actions.append(Action(Kind.CLAIM, svc, Reason.VACANT))
         else:

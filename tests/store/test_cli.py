@@ -138,7 +138,7 @@ def test_status_json_shape_and_lease_time_left(cluster):
     assert set(doc["services"]) == {"web", "db"}
     web = doc["services"]["web"]
     assert set(web) == {"owner", "state", "vip", "since", "fencing_token", "candidates", "paused", "moving_to",
-                        "cooling_down"}
+                        "cooling_down", "processes"}
     assert web["owner"] == "a" and web["state"] == "RUNNING" and web["fencing_token"] == token
     assert web["candidates"] == ["a", "b", "c"]  # live ones, best first; e is dead
     assert web["moving_to"] == "b" and web["paused"] is False and web["cooling_down"] == ["d"]
@@ -148,14 +148,14 @@ def test_status_json_shape_and_lease_time_left(cluster):
 
     assert set(doc["nodes"]) == {"a", "b", "c", "d", "e"}
     for name, n in doc["nodes"].items():
-        assert set(n) == {"alive", "drained", "lease_ttl_left", "pid", "started", "lease", "owns"}
+        assert set(n) == {"alive", "drained", "lease_ttl_left", "pid", "started", "lease", "owns", "processes"}
     a = doc["nodes"]["a"]
     assert a["alive"] is True and a["owns"] == ["web"] and a["lease"] == f"{cluster.leases['a']:x}"
     assert isinstance(a["lease_ttl_left"], int) and 0 < a["lease_ttl_left"] <= LEASE_TTL
     assert doc["nodes"]["c"]["drained"] is True and doc["nodes"]["a"]["drained"] is False
     e = doc["nodes"]["e"]
     assert e == {"alive": False, "drained": False, "lease_ttl_left": None, "pid": None, "started": None,
-                 "lease": None, "owns": []}
+                 "lease": None, "owns": [], "processes": {}}
 
 
 def test_status_json_counts_garbage_intents_and_lists_them_as_problems(cluster):

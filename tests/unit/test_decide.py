@@ -370,6 +370,38 @@ def test_track_vacancy_feeds_plan_rank_delay():
         (Kind.CLAIM, "web", Reason.VACANT)]
 
 
+def test_cold_start_a_lower_candidate_waits_for_a_better_one_that_registered_just_now():
+    # b (rank 1) started first and has seen web vacant since 10.0; a (preferred) registered at 11.8
+    # and claims from 11.8 + startup_grace 2 = 13.8. b must not take it at 10.5 nor at 13.8, only
+    # one claim_delay after a could have claimed.
+    v = view(candidates={"web": {"a": 200, "b": 100}})
+    seen = decide.track_candidates({("web", "b"): 10.0}, v, now=11.8)
+    assert seen == {("web", "a"): 11.8, ("web", "b"): 10.0}
+    common = dict(vacant_since={"web": 10.0}, claims_from=12.0, candidate_since=seen, startup_grace=2.0,
+                  claim_delay=0.5)
+    for now in (12.0, 13.8, 14.29):
+        p = decide.plan(v, facts(now=now, **common))
+        assert of_kind(p, Kind.CLAIM) == [], now
+        assert p.wake_in == pytest.approx(14.3 - now)
+    assert kinds(decide.plan(v, facts(now=14.3, **common))) == [(Kind.CLAIM, "web", Reason.VACANT)]
+
+
+def test_a_better_candidate_registered_long_ago_does_not_delay_anyone():
+    v = view(candidates={"web": {"a": 200, "b": 100}})
+    p = decide.plan(v, facts(now=100.5, vacant_since={"web": 100.0}, candidate_since={("web", "a"): 5.0},
+                             startup_grace=2.0, claim_delay=0.5))
+    assert kinds(p) == [(Kind.CLAIM, "web", Reason.VACANT)]
+
+
+def test_track_candidates_forgets_keys_that_are_gone_and_restarts_count_anew():
+    v = view(candidates={"web": {"a": 200, "b": 100}})
+    seen = decide.track_candidates({("web", "a"): 1.0, ("web", "b"): 1.0, ("db", "c"): 1.0}, v, now=9.0)
+    assert seen == {("web", "a"): 1.0, ("web", "b"): 1.0}
+    gone = view(alive=("b", "c"), candidates={"web": {"b": 100}})  # a's agent died: its key went with its lease
+    back = decide.track_candidates(decide.track_candidates(seen, gone, now=10.0), v, now=12.0)
+    assert back[("web", "a")] == 12.0
+
+
 # ---- move_target: where a planned move goes, or why it is refused ---------------------------
 
 def _move_view(**extra) -> ClusterView:
