@@ -64,6 +64,10 @@ class Actuator:
                                        "not joining while they run")
         for removed in vip.remove_all(self.config.vips):
             log.warning("removed leftover VIP %s (we own nothing yet)", removed)
+        for interface in sorted({i for i, _ in self.config.vips}):
+            if not vip.keep_secondaries(interface):
+                log.info("set net.ipv4.conf.%s.promote_secondaries=1: removing a VIP never removes another",
+                         interface)
 
     def start_runtime(self) -> None:
         """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""

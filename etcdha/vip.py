@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from etcdha import netlink
-from etcdha.errors import ActuatorError
+from etcdha.errors import ActuatorError, ConfigError
 
 ETH_P_ARP = 0x0806
 # Label put on every VIP we add, so `ip addr` shows who put it there.
@@ -72,6 +72,37 @@ def remove(interface: str, cidr: str) -> bool:
 def remove_all(vips: Iterable[tuple[str, str]]) -> list[str]:
     """Remove every (interface, cidr) present; returns those removed. Never raises."""
     return netlink.delete_addresses(vips)[0]
+
+
+SYSCTL = "/proc/sys/net/ipv4/conf/{}/promote_secondaries"
+
+
+def keep_secondaries(interface: str) -> bool:
+    """Make removing one VIP never remove the others: net.ipv4.conf.IF.promote_secondaries = 1.
+
+    With the kernel's default (0), deleting the primary address of a subnet deletes every
+    secondary address of that subnet too; VIPs outside the interface's own subnet are
+    exactly that case (the first one added is the primary). True if it was already on
+    (for `all` or the interface); raises ConfigError if it is off and cannot be set.
+    """
+    def read(name: str) -> str:
+        try:
+            with open(SYSCTL.format(name)) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    if read("all") == "1" or read(interface) == "1":  # the kernel ORs the two
+        return True
+    try:
+        with open(SYSCTL.format(interface), "w") as f:
+            f.write("1")
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot set net.ipv4.conf.{interface}.promote_secondaries=1 ({exc.strerror}): without it "
+                          f"removing one VIP on {interface} can remove every other address of its subnet; set it "
+                          "(e.g. net.ipv4.conf.all.promote_secondaries = 1 in /etc/sysctl.d/, as systemd's "
+                          "50-default.conf does) or let the agent write /proc/sys") from None
 
 
 def _mac(interface: str) -> bytes:

@@ -33,3 +33,46 @@ def test_vip_answered_by_a_foreign_host_is_not_duplicated(lab, make_cluster, sam
     wait_until(lambda: sampler.holder() is not None, 30, "a node to take the service once the conflict is gone")
     wait_until(lambda: probe.last() is not None, 10, "the VIP to answer")
     assert sampler.violations == []
+
+
+def test_removing_one_vip_never_removes_another_of_the_same_foreign_subnet(lab, make_cluster):
+    """Two VIPs in a subnet that is not the node's own: the first added is the subnet's primary
+    address, and with the kernel's default (promote_secondaries=0) deleting it deletes the other."""
+    import lab as L
+
+    foreign = "198.18.1"
+    services = {name: {"command": L.sample_service_command(name, 8080 + i), "vip": f"{foreign}.{100 + i}/24",
+                       "interface": "eth0"} for i, name in enumerate(("web", "api"))}
+    for node in lab.node_names:  # the kernel's default, whatever an earlier test's agent set in this namespace
+        lab.run(node, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/conf/eth0/promote_secondaries"])
+    with L.Sampler(lab, services={"web": f"{foreign}.100", "api": f"{foreign}.101"}) as sampler:
+        cluster = make_cluster({"services": services})
+        wait_until(lambda: sampler.holders() == {"web": "n1", "api": "n1"}, 40, "n1 to run both")
+        # move the service whose VIP the kernel made the subnet's primary address; watch the other one
+        shown = lab.run("n1", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
+        primary = next(line.split()[3] for line in shown.splitlines() if f" {foreign}." in line and "secondary" not in line)
+        moving, staying = ("web", "api") if primary == f"{foreign}.100/24" else ("api", "web")
+        other = f"{foreign}.{100 if staying == 'web' else 101}"
+        lost: list[float] = []
+        watching = True
+
+        def watch() -> None:  # the other VIP, sampled fast while the primary one is removed
+            for _ in range(20000):
+                if not watching:
+                    return
+                if not lab.vip_on("n1", other):
+                    lost.append(time.monotonic())
+                time.sleep(0.002)
+
+        import threading
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        res = cluster.cli("move", moving, "--to", "n2", "--wait", "--timeout", "20")
+        time.sleep(1)
+        watching = False
+        t.join(5)
+        assert res.returncode == 0, res.stderr
+        assert sampler.holders() == {moving: "n2", staying: "n1"}
+        assert lost == [], f"{staying}'s VIP vanished from n1 {len(lost)} times while {moving}'s was removed"
+        assert "promote_secondaries=1" in cluster.nodes["n1"].log.read_text()
+        assert sampler.violations == []
