@@ -43,6 +43,9 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+TXN_OPS = 100  # operations per transaction we send; etcd's default --max-txn-ops is 128
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range_end that selects every key starting with `prefix`."""
     end = bytearray(prefix)
@@ -249,24 +252,39 @@ class Store:
     @_translate
     def register(self, node: str, lease: int, node_value: bytes, candidates: Mapping[str, bytes],
                  services: Mapping[str, bytes]) -> Optional[model.KV]:
-        """Atomically: node key and candidate keys on `lease`; member and service keys without lease.
+        """Node key on `lease` if no other lease holds it; then member, service and candidate keys.
 
-        Only if no other lease holds the node key: returns None on success, else that node
-        key (another agent with our name, or our own previous incarnation's not yet expired).
+        Returns None on success, else the node key another lease holds (another agent with
+        our name, or our own previous incarnation's, not yet expired), and writes nothing.
+        The node key is one transaction (the guard); the rest follows in transactions of at
+        most TXN_OPS operations, so any number of services fits etcd's default
+        --max-txn-ops (128). Atomicity is not needed there: a missing candidate key is
+        re-enrolled by the agent's next cycle. If a later write fails, the lease is revoked
+        (best effort) so a retry does not find our own half-registered node key.
         """
         key = model.node_key(self.prefix, node)
         free = [etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
                                 create_revision=0)]
-        ops = [self._put(model.node_key(self.prefix, node), node_value, lease),
-               self._put(model.member_key(self.prefix, node), node_value)]
+        resp = self._txn(free, [self._put(key, node_value, lease)],
+                         [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key.encode()))])
+        if not resp.succeeded:
+            held = self._kvs(resp.responses[0].response_range.kvs)
+            if not held or held[0].lease != lease:  # (our own lease: a retry of this call on another endpoint)
+                return held[0] if held else None
+        ops = [self._put(model.member_key(self.prefix, node), node_value)]
         ops += [self._put(model.service_key(self.prefix, svc), value) for svc, value in services.items()]
         ops += [self._put(model.candidate_key(self.prefix, svc, node), value, lease)
                 for svc, value in candidates.items()]
-        resp = self._txn(free, ops, [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key.encode()))])
-        if resp.succeeded:
-            return None
-        held = self._kvs(resp.responses[0].response_range.kvs)
-        return held[0] if held else None
+        try:
+            for i in range(0, len(ops), TXN_OPS):
+                self._txn([], ops[i:i + TXN_OPS])
+        except grpc.RpcError:
+            try:
+                self.leases.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout)
+            except grpc.RpcError:
+                pass
+            raise
+        return None
 
     @_translate
     def claim(self, service: str, node: str, lease: int, since: float, complete_move: bool = False) -> Optional[int]:
@@ -321,9 +339,9 @@ class Store:
                              timeout=self.timeout)
         ours = sorted(kv.key for kv in resp.kvs if model.is_history_id(kv.key[len(start):].decode(errors="replace")))
         stale = ours[:max(0, len(ours) - keep)]
-        for i in range(0, len(stale), 64):  # well inside etcd's default --max-txn-ops (128)
+        for i in range(0, len(stale), TXN_OPS):
             self._txn([], [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
-                           for key in stale[i:i + 64]])
+                           for key in stale[i:i + TXN_OPS]])
 
     def history(self, service: str = "") -> list[model.Event]:
         """History entries, oldest first (all services, or one)."""

@@ -385,3 +385,22 @@ def test_history_pruning_deletes_only_its_own_history_keys(store_factory):
     assert [e.token for e in a.history("web")] == [4, 5, 6]
     assert b.snapshot().owners["db"].node == "n1"
     b.revoke(lease)
+
+
+def test_registration_of_500_services_fits_etcds_default_transaction_limit(store):
+    """2 + 2N operations in one transaction broke at N = 63 with etcd's default --max-txn-ops (128)."""
+    names = [f"svc{i:03d}" for i in range(500)]
+    lease, _ = store.grant(10)
+    held = store.register("a", lease, model.encode_node("a", lease, 1, 0.0, {}),
+                          {n: model.encode_candidate(100, None) for n in names}, {n: model.encode_service(None) for n in names})
+    assert held is None
+    view = store.snapshot()
+    assert set(view.services) == set(names)
+    assert all(set(view.candidates[n]) == {"a"} for n in names)
+    other, _ = store.grant(10)
+    held = store.register("a", other, model.encode_node("a", other, 2, 0.0, {}), {"x": model.encode_candidate(1, None)},
+                          {"x": model.encode_service(None)})
+    assert held is not None and held.lease == lease, "a second agent with our name is refused"
+    assert "x" not in store.snapshot().services, "and writes nothing"
+    store.revoke(lease)
+    store.revoke(other)
