@@ -244,7 +244,8 @@ class Agent:
             with_vip=frozenset(n for n, s in self.config.services.items() if s.vip),
             wall_now=time.time(), vacant_since=dict(self.vacant_since),
             claim_delay=self.config.claim_delay, claims_from=self.claims_from,
-            candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace)
+            candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace,
+            drain_concurrency=self.config.drain_concurrency)
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)

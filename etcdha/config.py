@@ -96,6 +96,7 @@ class Config:
     failure_cooldown: float = 30.0
     move_timeout: int = 10
     history_size: int = 100
+    drain_concurrency: int = 8  # services a drained node moves at once
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
     cgroup_root: Optional[Path] = None  # None: the agent finds its own cgroup
@@ -393,6 +394,7 @@ def _run_dir(value: Any, r: _Reader) -> Optional[str]:
 
 TOP_KEYS = {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin", "reconcile_interval", "claim_delay",
             "startup_grace", "failure_cooldown", "run_dir", "move_timeout", "history_size", "cgroup_root",
+            "drain_concurrency",
             "services"}
 
 
@@ -438,6 +440,7 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
     cooldown = r.number(data, "failure_cooldown", "", 30.0, 0, 7 * 24 * 3600)
     move_timeout = r.number(data, "move_timeout", "", 10, ETCD_MIN_TTL, 3600, "whole seconds")
     history_size = r.number(data, "history_size", "", 100, 1, 10_000, "count")
+    drain_concurrency = r.number(data, "drain_concurrency", "", 8, 1, 1000, "count")
 
     services: dict[str, Service] = {}
     services_data = data.get("services")
@@ -469,7 +472,7 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
         node=node, etcd=etcd, services=services, lease_ttl=ttl, keepalive_interval=float(keepalive),
         fence_margin=float(margin), reconcile_interval=float(reconcile), claim_delay=float(claim_delay),
         startup_grace=float(grace), failure_cooldown=float(cooldown), move_timeout=move_timeout,
-        history_size=history_size, run_dir=Path(run_dir), source=r.source,
+        history_size=history_size, drain_concurrency=drain_concurrency, run_dir=Path(run_dir), source=r.source,
         cgroup_root=None if cgroup_root is None else Path(cgroup_root),
     )
 

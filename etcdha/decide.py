@@ -78,6 +78,7 @@ class Facts:
     claims_from: float = 0.0  # no claims before this (startup grace: let peers register first)
     candidate_since: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> first seen
     startup_grace: float = 0.0  # a peer that just registered claims nothing for this long (same config assumed)
+    drain_concurrency: int = 8  # moves a drained node has pending at once
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,8 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
     wakes: list[float] = []
     healthy = f.lease_state is LeaseState.OK
     drained = f.me in view.drained
-    # a drained node moves one service at a time: none while a move away from us is pending
-    moving_away = any(m.source == f.me for m in view.moves.values())
+    # a drained node moves up to drain_concurrency services at once (each a full stop and start elsewhere)
+    moving_away = sum(1 for m in view.moves.values() if m.source == f.me)
     for svc in sorted(f.priorities):
         owner = view.owners.get(svc)
         move = view.moves.get(svc)
@@ -166,9 +167,9 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
 
         if is_mine(owner, f):
             assert owner is not None
-            # a drained node moves one service at a time; one nobody else can run stays (and runs) here
+            # a drained node moves a bounded number at a time; one nobody else can run stays (and runs) here
             home = (_next_home(view, svc, f.me, f.wall_now)
-                    if drained and healthy and move is None and not moving_away else None)
+                    if drained and healthy and move is None and moving_away < f.drain_concurrency else None)
             if leftover:
                 actions.append(Action(Kind.RELEASE, svc, Reason.DAEMONIZED, token=owner.token))
             elif program == "FATAL":
@@ -178,7 +179,7 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
                                       token=owner.token, target=move.to))
             elif home is not None:
                 actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token, target=home))
-                moving_away = True
+                moving_away += 1
             elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
                                                           and program != "STOPPING")):
                 actions.append(Action(Kind.START, svc, Reason.OWNER, token=owner.token))

@@ -86,6 +86,8 @@ def test_drain_moves_every_service_and_persists_until_undrain(make_cluster, samp
         {"web": "n2", "api": "n2", "jobs": "n2"}
     wait_until(lambda: all(h == "n2" for h in sampler3.holders().values()), 10, "n2 to run all three")
     assert len([e for e in ok(cluster.cli("history")).splitlines() if " moved " in e and "drained" in e]) == 3
+    plans = [line for line in cluster.nodes["n1"].log.read_text().splitlines() if "plan at revision" in line]
+    assert max(line.count("request-move") for line in plans) == 3, "the three moves are requested at once"
     # the mark survives an agent restart: n1 claims nothing new even when n2 goes away
     cluster.nodes["n1"].stop()
     cluster.nodes["n1"].start()

@@ -68,6 +68,7 @@ TOP_NUMBERS = {  # key: (expectation, a value below the minimum or None if 0 is 
     "failure_cooldown": ("a number of seconds between 0 and 604800", None),
     "move_timeout": ("a whole number of seconds between 2 and 3600", 1),
     "history_size": ("an integer between 1 and 10000", 0),
+    "drain_concurrency": ("an integer between 1 and 1000", 0),
 }
 SERVICE_NUMBERS = {
     "priority": ("an integer between 0 and 1000000", None),
@@ -111,7 +112,7 @@ def test_zero_is_meaningful_where_allowed():
 def test_maximums_are_accepted():
     cfg = config.parse(doc(lease_ttl=600, keepalive_interval=200, fence_margin=1, reconcile_interval=3600,
                            claim_delay=60, startup_grace=3600, failure_cooldown=604800, move_timeout=3600,
-                           history_size=10000, etcd={"timeout": 60},
+                           history_size=10000, drain_concurrency=1000, etcd={"timeout": 60},
                            services={"web": svc(priority=1_000_000, startsecs=3600, startretries=100,
                                                 stopwaitsecs=3600)}), SRC)
     assert cfg.lease_ttl == 600 and cfg.failure_cooldown == 604800.0

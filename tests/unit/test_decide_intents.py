@@ -165,24 +165,29 @@ def test_drained_owner_requests_one_move_to_the_best_live_undrained_other_candid
     assert p.actions == (Action(Kind.REQUEST_MOVE, "web", Reason.DRAINED, token=11, target="c"),)
 
 
-def test_drained_owner_requests_exactly_one_move_at_a_time():
-    services = {"api": 100, "db": 100, "web": 100}
+def test_drained_owner_requests_moves_up_to_its_concurrency():
+    services = {f"s{i}": 100 for i in range(5)}
     owners = {s: mine(20 + i) for i, s in enumerate(sorted(services))}
     v = view(candidates={s: {"a": 50, "b": 100} for s in services}, owners=owners, drained={ME: Mark()})
-    p = decide.plan(v, facts(priorities=services, programs={s: "RUNNING" for s in services}))
-    assert of_kind(p, Kind.REQUEST_MOVE) == [Action(Kind.REQUEST_MOVE, "api", Reason.DRAINED, token=20, target="a")]
+    p = decide.plan(v, facts(priorities=services, programs={s: "RUNNING" for s in services}, drain_concurrency=3))
+    assert of_kind(p, Kind.REQUEST_MOVE) == [Action(Kind.REQUEST_MOVE, s, Reason.DRAINED, token=20 + i, target="a")
+                                             for i, s in enumerate(["s0", "s1", "s2"])]
     assert of_kind(p, Kind.STOP) == [] and of_kind(p, Kind.HANDOFF) == []
     assert p.wake_in == decide.PROGRAM_POLL  # the others keep running (and are polled) meanwhile
+    one = decide.plan(v, facts(priorities=services, programs={s: "RUNNING" for s in services}, drain_concurrency=1))
+    assert [a.service for a in of_kind(one, Kind.REQUEST_MOVE)] == ["s0"]
 
 
-def test_drained_owner_requests_nothing_while_a_move_away_from_it_is_pending():
-    services = {"api": 100, "web": 100}
+def test_drained_owner_counts_its_pending_moves_against_the_concurrency():
+    services = {"api": 100, "db": 100, "web": 100}
     v = view(candidates={s: {"a": 50, "b": 100} for s in services},
-             owners={"web": mine(30)}, drained={ME: Mark()},
+             owners={"web": mine(30), "db": mine(31)}, drained={ME: Mark()},
              moves={"api": move(to="a", source=ME, token=29, service="api")})  # api's hand-over in flight
-    p = decide.plan(v, facts(priorities=services, programs={"web": "RUNNING"}))
-    assert of_kind(p, Kind.REQUEST_MOVE) == []
+    running = {"web": "RUNNING", "db": "RUNNING"}
+    p = decide.plan(v, facts(priorities=services, programs=running, drain_concurrency=1))
     assert p.actions == ()
+    p = decide.plan(v, facts(priorities=services, programs=running, drain_concurrency=2))
+    assert [a.service for a in of_kind(p, Kind.REQUEST_MOVE)] == ["db"]
 
 
 def test_drained_owner_requests_nothing_while_a_move_of_the_same_service_is_pending():
