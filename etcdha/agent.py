@@ -55,6 +55,7 @@ class Agent:
         self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
         self.vacant_since: dict[str, float] = {}
         self.candidate_since: dict[tuple[str, str], float] = {}
+        self.seen_owned: set[str] = set()  # services seen with an owner since this agent started
         self.published: Optional[dict] = None
         self.local = Local({}, {}, frozenset())
         self.abandoned: set[int] = set()  # our own earlier leases, given up after everything here was killed
@@ -235,6 +236,7 @@ class Agent:
         if view is not None:
             self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
             self.candidate_since = decide.track_candidates(self.candidate_since, view, now)
+            self.seen_owned |= set(view.owners)
             self.owned = {svc: o.token for svc, o in view.owners.items()
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
         facts = decide.Facts(
@@ -245,6 +247,7 @@ class Agent:
             wall_now=time.time(), vacant_since=dict(self.vacant_since),
             claim_delay=self.config.claim_delay, claims_from=self.claims_from,
             candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace,
+            seen_owned=frozenset(self.seen_owned),
             drain_concurrency=self.config.drain_concurrency)
         plan = decide.plan(view, facts)
         if plan.actions:

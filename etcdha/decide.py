@@ -77,6 +77,7 @@ class Facts:
     claim_delay: float = 0.5
     claims_from: float = 0.0  # no claims before this (startup grace: let peers register first)
     candidate_since: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> first seen
+    seen_owned: frozenset[str] = frozenset()  # services this agent has seen owned since it started
     startup_grace: float = 0.0  # a peer that just registered claims nothing for this long (same config assumed)
     drain_concurrency: int = 8  # moves a drained node has pending at once
 
@@ -200,10 +201,14 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
         rank = claim_rank(view, svc, f.me)
         if rank is None:
             continue  # our candidate key is not (yet) there; ENROLL above fixes that
-        # a better candidate that registered moments ago claims only after its startup grace: wait for it
-        # too, or whoever started first would win a cold start instead of the preferred node
-        better_ready = max((f.candidate_since[(svc, c.node)] + f.startup_grace for c in view.eligible(svc)[:rank]
-                            if (svc, c.node) in f.candidate_since), default=0.0)
+        # cold start (never seen owned): a better candidate that registered moments ago claims only after
+        # its startup grace; wait for it too, or whoever started first would win instead of the preferred
+        # node. Not on a failover: a node that just came back is the last one to wait for.
+        better_ready = 0.0
+        if svc not in f.seen_owned:
+            better_ready = max((f.candidate_since[(svc, c.node)] + f.startup_grace
+                                for c in view.eligible(svc)[:rank] if (svc, c.node) in f.candidate_since),
+                               default=0.0)
         due = max(f.vacant_since.get(svc, f.now), f.claims_from, better_ready) + rank * f.claim_delay
         if f.now >= due:
             actions.append(Action(Kind.CLAIM, svc, Reason.VACANT))

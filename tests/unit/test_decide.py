@@ -386,6 +386,15 @@ def test_cold_start_a_lower_candidate_waits_for_a_better_one_that_registered_jus
     assert kinds(decide.plan(v, facts(now=14.3, **common))) == [(Kind.CLAIM, "web", Reason.VACANT)]
 
 
+def test_on_a_failover_nobody_waits_for_a_better_candidate_that_just_came_back():
+    # web was owned (by a, which crashed); a rejoined at 11.8: b takes over, it does not wait for a's grace
+    v = view(candidates={"web": {"a": 200, "b": 100}})
+    p = decide.plan(v, facts(now=12.0, vacant_since={"web": 11.0}, claims_from=0.0, startup_grace=2.0,
+                             candidate_since={("web", "a"): 11.8, ("web", "b"): 1.0}, claim_delay=0.5,
+                             seen_owned=frozenset({"web"})))
+    assert kinds(p) == [(Kind.CLAIM, "web", Reason.VACANT)]
+
+
 def test_a_better_candidate_registered_long_ago_does_not_delay_anyone():
     v = view(candidates={"web": {"a": 200, "b": 100}})
     p = decide.plan(v, facts(now=100.5, vacant_since={"web": 100.0}, candidate_since={("web", "a"): 5.0},
