@@ -7,10 +7,13 @@ the agent release, hand over or revoke anything in etcd.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from etcdha import vip
@@ -73,7 +76,7 @@ class Actuator:
         """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""
         self.supervisor.prepare()
         self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
-                                 self.supervisor.command(), on_exit=self._fence_exited)
+                                 self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access())
         self.supervisord_pid = self.fence.start()
         self.supervisor.wait_ready()
         log.info("fence pid %d, supervisord pid %d; services contained in %s (%s)", self.fence.proc.pid,
@@ -89,6 +92,30 @@ class Actuator:
     def feed(self, deadline: float) -> None:
         if self.fence is not None:
             self.fence.feed(deadline)
+
+    def etcd_access(self) -> dict:
+        """What the fence (or systemd's ExecStopPost=) needs to revoke our lease after a crash."""
+        e = self.config.etcd
+        return {"endpoints": list(e.endpoints), "timeout": e.timeout, "ca_cert": e.ca_cert, "cert": e.cert,
+                "key": e.key}
+
+    @property
+    def handoff_file(self) -> Path:
+        return self.config.run_dir / "handoff.json"
+
+    def lease_granted(self, lease: int) -> None:
+        """Tell the fence, and leave the same facts for `etcdha stop-post` (systemd's ExecStopPost=)."""
+        if self.fence is not None:
+            self.fence.lease(lease)
+        state = {"lease": f"{lease:x}", "services": str(self.cgroups.services_dir),
+                 "vips": [list(v) for v in self.config.vips], "etcd": self.etcd_access()}
+        tmp = self.handoff_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.handoff_file)
+        except OSError as exc:
+            log.warning("cannot write %s (a crash under systemd then waits for the lease TTL): %s",
+                        self.handoff_file, exc.strerror)
 
     def _fence_exited(self, fence: FenceClient) -> None:
         """Runs on the fence's reader thread when it exits: unless we asked, empty everything at once.
@@ -206,3 +233,7 @@ class Actuator:
         if self.fence is not None:
             self.fence.quit()
         self.cgroups.release()
+        try:
+            self.handoff_file.unlink()  # a graceful stop revoked the lease itself
+        except OSError:
+            pass

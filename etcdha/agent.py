@@ -131,6 +131,7 @@ class Agent:
                     self.name_taken(held, first_seen)
                     self.stopping.wait(0.5)
                     continue
+                self.hands.lease_granted(lease_id)  # an agent crash from now on is a handoff
                 self.published = {}
                 self.claims_from = self.clock() + self.config.startup_grace
                 log.info("joined as %s with lease %x; claiming from %gs on", self.config.node, lease_id,

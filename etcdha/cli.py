@@ -115,6 +115,28 @@ def agent(settings: Settings, agent_config: Optional[str]) -> None:
     sys.exit(code)
 
 
+@main.command("stop-post")
+@click.option("--config", "agent_config", type=click.Path(dir_okay=False), help="Agent config file.")
+@click.pass_obj
+def stop_post(settings: Settings, agent_config: Optional[str]) -> None:
+    """After the agent's unit stopped (systemd ExecStopPost=): hand its lease over if the node is clean.
+
+    Kills anything left in the node's service cgroups, removes its VIPs and, once both
+    are verified, revokes the agent's last lease so another node takes over at once
+    instead of after the lease's TTL. Does nothing after a graceful stop.
+
+    \b
+    Example (deploy/etcdha.service):
+      ExecStopPost=/opt/etcdha/venv/bin/etcdha stop-post --config /etc/etcdha/agent.yaml
+    """
+    from etcdha.fence import stop_post as run_stop_post
+
+    path = agent_config or settings.config_path
+    if not path:
+        raise click.UsageError("stop-post needs the agent's config file: etcdha stop-post --config PATH")
+    sys.exit(run_stop_post(load_config(path).run_dir / "handoff.json"))
+
+
 @main.command("check-config")
 @click.argument("file", required=False, type=click.Path())
 @click.option("--no-host-checks", is_flag=True,

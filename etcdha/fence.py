@@ -9,6 +9,12 @@ the lease). The fence fires when
 - the pipe closes (the agent died), or supervisord exits (seen at once through a
   pidfd), or the agent asks (`fire`).
 
+When the agent died (its pipe closed) and the fence verified that every service
+process is dead and every VIP gone, it also revokes the agent's lease (the agent
+tells it `lease ID` after each grant) through etcd's JSON gateway, so another node
+takes over at once: an agent crash is a handoff, not a TTL wait. `stop_post` does
+the same for systemd's ExecStopPost=, when systemd killed the unit (fence included).
+
 Firing stops supervisord from spawning (SIGSTOP), kills the node's whole service
 cgroup subtree with one `cgroup.kill` write, SIGKILLs its own descendants (a
 launcher between fork and entering its cgroup is one), kills the subtree once
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import select
@@ -35,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from etcdha import cgroup, netlink
+from etcdha import cgroup, gateway, netlink
 from etcdha.errors import ActuatorError
 
 log = logging.getLogger(__name__)
@@ -97,9 +104,24 @@ def say(message: str) -> None:
             pass
 
 
+def revoke_if_clean(etcd: Optional[dict], lease: int, empty: bool, vip_errors: Sequence[str]) -> str:
+    """Revoke `lease` only if nothing of the node's services can still run or answer; says what happened."""
+    if not lease or not etcd or not etcd.get("endpoints"):
+        return "no lease to hand over"
+    if not empty or vip_errors:
+        return f"not handing lease {lease:x} over: the node is not verified clean; it runs out after its TTL"
+    ok, what = gateway.revoke(etcd["endpoints"], lease, etcd.get("timeout", 1.0), etcd.get("ca_cert"),
+                              etcd.get("cert"), etcd.get("key"))
+    return f"handed over: {what}" if ok else f"handoff failed, the lease runs out after its TTL: {what}"
+
+
 class Fence:
-    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path, command: Sequence[str]):
+    def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path, command: Sequence[str],
+                 etcd: Optional[dict] = None):
         self.margin = margin
+        self.etcd = etcd  # endpoints, timeout, TLS files: where to revoke the lease after a crash
+        self.lease = 0
+        self.clean = False  # the last fire verified every service process dead and every VIP gone
         self.vips = list(vips)
         self.services = services  # the node's service cgroup subtree
         self.command = list(command)
@@ -107,6 +129,7 @@ class Fence:
         self.child: Optional[subprocess.Popen] = None
         self.child_exited = False
         self.pidfd = -1
+        self.vip_errors: list[str] = []
         self.warnings: list[str] = []  # said after "ready" (the agent reads that line first)
 
     def start_child(self) -> None:
@@ -167,6 +190,8 @@ class Fence:
         removed, errors = netlink.delete_addresses(self.vips)
         self.reap()
         took = (time.monotonic() - started) * 1000
+        self.clean = empty and not errors
+        self.vip_errors = errors
         left = "" if empty else f"; {len(cgroup.pids(self.services))} PROCESSES SURVIVE in {self.services}"
         failed = "" if not errors else f"; VIP removal failed: {'; '.join(errors)}"
         say(f"fired {reason}: killed {killed} processes, removed {removed or 'no VIPs'} "
@@ -207,13 +232,17 @@ class Fence:
             if stdin in readable:
                 data = os.read(stdin, 4096)
                 if not data:
-                    return self.fire("agent gone (its pipe closed)")
+                    code = self.fire("agent gone (its pipe closed)")
+                    say(revoke_if_clean(self.etcd, self.lease, self.clean, self.vip_errors))
+                    return code
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     words = line.decode(errors="replace").split()
                     if words[:1] == ["deadline"] and len(words) == 2:
                         self.deadline = float(words[1])
+                    elif words[:1] == ["lease"] and len(words) == 2:
+                        self.lease = int(words[1], 16)
                     elif words == ["fire"]:
                         return self.fire("asked by the agent")
                     elif words == ["quit"]:
@@ -225,15 +254,41 @@ class Fence:
                 return self.fire("supervisord exited")
 
 
+def stop_post(state_file: Path) -> int:
+    """After systemd stopped the unit (ExecStopPost=), fence included: verify, drop VIPs, hand the lease over.
+
+    `state_file` is what the agent wrote at its last lease grant (see Actuator.lease_granted).
+    """
+    try:
+        state = json.loads(state_file.read_text())
+        services, vips = Path(state["services"]), [tuple(v) for v in state["vips"]]
+        lease = int(state["lease"], 16)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        say(f"stop-post: nothing to hand over ({exc})")
+        return 0
+    try:
+        cgroup.kill(services)
+    except ActuatorError as exc:
+        say(f"stop-post: error {exc}")
+    empty = cgroup.wait_empty(services, VERIFY_TIMEOUT)
+    removed, errors = netlink.delete_addresses(vips)
+    say(f"stop-post: {'no service process left' if empty else 'SERVICE PROCESSES SURVIVE'} in {services}; "
+        f"removed {removed or 'no VIPs'}" + (f"; VIP removal failed: {'; '.join(errors)}" if errors else ""))
+    say(revoke_if_clean(state.get("etcd"), lease, empty, errors))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="etcdha-fence", description=__doc__.splitlines()[0])
     parser.add_argument("--margin", type=float, required=True)
     parser.add_argument("--cgroup", type=Path, required=True, help="the node's service cgroup subtree")
     parser.add_argument("--vip", nargs=2, action="append", default=[], metavar=("INTERFACE", "CIDR"))
+    parser.add_argument("--etcd", type=json.loads, default=None,
+                        help='JSON {"endpoints": [...], "timeout": S, "ca_cert", "cert", "key"}: for the handoff')
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    fence = Fence(args.margin, [tuple(v) for v in args.vip], args.cgroup, args.command)
+    fence = Fence(args.margin, [tuple(v) for v in args.vip], args.cgroup, args.command, args.etcd)
     try:
         _oom_score_adj(-1000)
     except OSError as exc:
@@ -253,8 +308,10 @@ class FenceClient:
 
     def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path,
                  supervisord_command: Sequence[str],
-                 on_exit: Callable[["FenceClient"], None] = lambda client: None):
+                 on_exit: Callable[["FenceClient"], None] = lambda client: None, etcd: Optional[dict] = None):
         argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin), "--cgroup", str(services)]
+        if etcd:
+            argv += ["--etcd", json.dumps(etcd)]
         for interface, cidr in vips:
             argv += ["--vip", interface, cidr]
         self.argv = argv + ["--", *supervisord_command]
@@ -300,6 +357,10 @@ class FenceClient:
     def feed(self, deadline: float) -> None:
         """Move the fence's deadline (monotonic seconds)."""
         self._send(f"deadline {deadline:.6f}")
+
+    def lease(self, lease: int) -> None:
+        """The lease to revoke if the agent dies and the node is verified clean."""
+        self._send(f"lease {lease:x}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

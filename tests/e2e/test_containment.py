@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -125,4 +126,45 @@ def test_leftovers_of_a_killed_agent_and_fence_die_when_the_agent_starts_again(m
     joined = log.index("joined as n1", restart)
     assert killed < joined
     time.sleep(1)
+    assert sampler.violations == []
+
+
+# ---- an agent crash is a handoff, not a TTL wait -----------------------------------------------
+
+def test_an_agent_crash_is_a_handoff_not_a_ttl_wait(make_cluster, sampler, probe):
+    """kill -9 of the agent: the fence kills and verifies, then revokes the lease; n2 takes over
+    at once, long before the 6 s TTL would have run out."""
+    cluster = make_cluster({**web("--orphan"), "lease_ttl": 6})
+    settle(sampler, probe)
+    t0 = time.monotonic()
+    cluster.nodes["n1"].signal(signal.SIGKILL)
+    wait_until(lambda: probe.first_answer_after(t0, exclude="n1"), 6, "another node to answer on the VIP")
+    took = probe.first_answer_after(t0, exclude="n1") - t0
+    assert took < 2.0, f"takeover took {took:.2f}s after an agent crash; the TTL is 6 s"
+    assert sampler.holder() == "n2"
+    assert "handed over: revoked lease" in cluster.nodes["n1"].log.read_text()
+    time.sleep(0.5)
+    assert sampler.violations == []
+
+
+def test_stop_post_hands_over_when_agent_and_fence_died_together(make_cluster, sampler, probe):
+    """What systemd's ExecStopPost= runs after it killed the unit: here the agent and fence die
+    together and a detached helper survives; `etcdha stop-post` kills it, drops the VIP and
+    revokes the lease, so n2 takes over long before the 6 s TTL."""
+    cluster = make_cluster({**web("--orphan"), "lease_ttl": 6})
+    settle(sampler, probe)
+    n1 = cluster.nodes["n1"]
+    wait_until(lambda: len(n1.service_pids()) >= 2, 10, "web and its detached helper to run on n1")
+    fence = n1.fence_pid()
+    os.kill(n1.pid, signal.SIGKILL)
+    os.kill(fence, signal.SIGKILL)
+    n1.proc.wait(5)
+    t0 = time.monotonic()
+    res = cluster.lab.run("n1", [sys.executable, "-m", "etcdha", "stop-post", "--config", str(n1.dir / "agent.yaml")])
+    assert res.returncode == 0, res.stderr
+    assert "handed over: revoked lease" in res.stderr, res.stderr
+    assert not n1.service_pids() and not cluster.lab.vip_on("n1")
+    wait_until(lambda: probe.first_answer_after(t0, exclude="n1"), 6, "another node to answer on the VIP")
+    assert probe.first_answer_after(t0, exclude="n1") - t0 < 2.0
+    time.sleep(0.5)
     assert sampler.violations == []

@@ -214,3 +214,57 @@ def test_launcher_never_runs_a_program_outside_its_cgroup(tmp_path):
                                 "parent": os.getpid()}))
     res = subprocess.run(launcher_command(spec), capture_output=True, text=True, timeout=10)
     assert res.returncode == 126 and "not starting uncontained" in res.stderr
+
+
+# ---- an agent crash is a handoff: the fence revokes the lease once the node is verified clean ---
+
+@pytest.fixture
+def handoff_stack(request, cgroup_root, etcd_server, store):
+    """A fence that knows where etcd is, fed a real lease of `store`."""
+    run_dir = Path(tempfile.mkdtemp(prefix="ehh-", dir="/tmp"))
+    config = Config(node="n1", etcd=EtcdConfig(), services={SERVICE.name: SERVICE}, run_dir=run_dir)
+    cgroups = NodeCgroups(Placement(cgroup_root), [SERVICE.name])
+    cgroups.setup()
+    supervisor = Supervisor(config)
+    supervisor.prepare()
+    fence = FenceClient(0.3, [], cgroups.services_dir, supervisor.command(),
+                        etcd={"endpoints": [etcd_server.endpoint], "timeout": 1.0})
+    pid = fence.start()
+
+    def cleanup() -> None:
+        if fence.proc.poll() is None:
+            fence.proc.kill()
+            fence.proc.wait(5)
+        kill_pid(pid)
+        cgroups.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    request.addfinalizer(cleanup)
+    supervisor.wait_ready(timeout=10)
+    supervisor.start(SERVICE, 1, cgroups.group(SERVICE.name), pid)
+    wait_for(lambda: cgroup.pids(cgroups.group(SERVICE.name)), 5, what="the program to run")
+    lease, _ = store.grant(30)
+    fence.lease(lease)
+    fence.feed(time.monotonic() + 30)
+    return fence, cgroups, lease
+
+
+def test_when_the_agent_dies_the_fence_kills_verifies_and_revokes_its_lease(handoff_stack, store):
+    fence, cgroups, lease = handoff_stack
+    escapee_group = cgroups.group(SERVICE.name)
+    assert store.keepalive(lease) > 0
+    fence.proc.stdin.close()  # what the agent's death looks like to the fence
+    assert fence.proc.wait(5) == FIRED_EXIT
+    assert not cgroup.populated(escapee_group)
+    assert store.keepalive(lease) <= 0, "the lease is revoked: other nodes take over at once"
+    wait_for(lambda: any(m.startswith(f"handed over: revoked lease {lease:x}") for m in fence.messages), 2,
+             what="the fence to report the handoff")
+
+
+def test_a_fence_that_fires_on_its_deadline_does_not_revoke(handoff_stack, store):
+    """The agent is alive then (hung or cut off): the lease runs out by itself, nothing is revoked early."""
+    fence, _, lease = handoff_stack
+    fence.feed(time.monotonic() + 0.4)
+    assert fence.proc.wait(5) == FIRED_EXIT
+    assert store.keepalive(lease) > 0
+    assert not any("handed over" in m for m in fence.messages)

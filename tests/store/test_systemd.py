@@ -52,9 +52,14 @@ def test_unit_file_verifies(tmp_path):
     assert service["KillMode"] == "mixed"
     assert service.get("ProtectControlGroups", "no") == "no", "the agent must be able to write its cgroups"
     assert "CAP_SYS_RESOURCE" in service["CapabilityBoundingSet"].split(), "the fence's oom_score_adj -1000"
+    # /proc/sys is read-only for the agent (ProtectKernelTunables): the unit turns promote_secondaries on
+    assert service.get("ProtectKernelTunables") == "yes"
+    assert "promote_secondaries" in service["ExecStartPre"] and service["ExecStartPre"].startswith("+")
+    # an agent crash under systemd is a handoff too: after the kill, stop-post revokes the lease
+    assert service["ExecStopPost"].split()[1:] == ["stop-post", "--config", "/etc/etcdha/agent.yaml"]
     # verify the shipped file with ExecStart pointing at this checkout's etcdha (the only local change)
     local = tmp_path / "etcdha.service"
-    local.write_text(unit.replace("/opt/etcdha/venv/bin/etcdha", str(etcdha)))
+    local.write_text(unit.replace("/opt/etcdha/venv/bin/etcdha", str(etcdha)))  # ExecStart and ExecStopPost
     res = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (res.stdout + res.stderr).splitlines()
                 if str(local) in line or "etcdha.service" in line]

@@ -102,3 +102,14 @@ def test_history_pruning_recognises_only_its_own_keys(segment, ours):
 def test_history_id_is_what_pruning_recognises():
     event = model.Event("web", 1795687228.968279, "n1", "claimed", "vacant", 3)
     assert model.is_history_id(model.history_id(event))
+
+
+def test_no_handoff_unless_the_node_is_verified_clean():
+    """revoke_if_clean never talks to etcd when processes survive or a VIP could not be removed."""
+    from etcdha.fence import revoke_if_clean
+
+    etcd = {"endpoints": ["http://198.18.255.254:1"], "timeout": 0.01}  # must never be contacted
+    assert "not handing lease" in revoke_if_clean(etcd, 0xAB, empty=False, vip_errors=[])
+    assert "not handing lease" in revoke_if_clean(etcd, 0xAB, empty=True, vip_errors=["EPERM"])
+    assert revoke_if_clean(etcd, 0, empty=True, vip_errors=[]) == "no lease to hand over"
+    assert revoke_if_clean(None, 0xAB, empty=True, vip_errors=[]) == "no lease to hand over"
