@@ -114,3 +114,24 @@ def test_cli_reads_tls_settings_from_the_agent_config(tls_etcd, tmp_path):
     missing.write_text(config.read_text().replace(str(d / "client.key"), str(d / "nope.key")))
     result = CliRunner().invoke(main, ["--config", str(missing), "status"])
     assert result.exit_code == 1 and "nope.key" in result.output and "Traceback" not in result.output
+
+
+def test_the_fences_handoff_revokes_over_tls_with_the_client_certificate(tls_etcd):
+    """gateway.revoke (the fence and stop-post, stdlib only) speaks TLS with the config's CA and cert."""
+    from etcdha import gateway
+
+    d, good = tls_etcd
+    store = Store(good)
+    try:
+        lease, _ = store.grant(30)
+        ok, what = gateway.revoke(good.endpoints, lease, 2.0, good.ca_cert, good.cert, good.key)
+        assert ok and what.startswith(f"revoked lease {lease:x}"), what
+        assert store.keepalive(lease) <= 0
+        ok, what = gateway.revoke(good.endpoints, lease, 2.0, good.ca_cert, good.cert, good.key)
+        assert ok and "already gone" in what
+        other, _ = store.grant(30)
+        ok, what = gateway.revoke(good.endpoints, other, 2.0, good.ca_cert)  # no client certificate
+        assert not ok and good.endpoints[0] in what
+        assert store.keepalive(other) > 0
+    finally:
+        store.close()
