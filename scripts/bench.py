@@ -19,7 +19,7 @@ import time
 import lab as L
 
 # how each fault is injected on the owner: a signal to its agent, kill -9 of one of its helpers, or a move
-SCENARIOS = {"kill-9": signal.SIGKILL, "sigterm": signal.SIGTERM, "fence-kill-9": "fence",
+SCENARIOS = {"kill-9": signal.SIGKILL, "node-crash": "node", "sigterm": signal.SIGTERM, "fence-kill-9": "fence",
              "supervisord-kill-9": "supervisord", "move": None}
 
 
@@ -44,6 +44,15 @@ def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig, ttl: floa
         res = cluster.cli("move", "web", "--no-wait")
         if res.returncode:
             raise RuntimeError(f"etcdha move failed: {res.stderr.strip()}")
+    elif sig == "node":  # the whole node dies: every process at once and its addresses; no handoff possible
+        node = cluster.nodes[owner]
+        holder = cluster.lab.holders[owner].pid
+        for pid in L.netns_pids(cluster.lab.ns(owner)):
+            if pid != holder:
+                with L.contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        L.destroy_cgroup(node.cgroup)
+        cluster.lab.run(owner, ["ip", "addr", "del", f"{L.VIP}/24", "dev", "eth0"])
     elif sig == "fence":
         os.kill(cluster.nodes[owner].fence_pid(), signal.SIGKILL)
     elif sig == "supervisord":
