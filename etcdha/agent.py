@@ -51,7 +51,8 @@ class Agent:
         self.store = Store(config.etcd)
         self.hands = Actuator(config, wake=self.wake.set)
         self.lease: Optional[Lease] = None
-        self.watcher = None
+        self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
+        self._next_check = 0.0
         self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
         self.vacant_since: dict[str, float] = {}
         self.candidate_since: dict[tuple[str, str], float] = {}
@@ -91,7 +92,7 @@ class Agent:
         try:
             if not self.join():
                 return 0
-            self.watcher = self.store.watcher(self.wake.set)
+            self.watcher = self.store.informer(self.wake.set)
             self.watcher.start()
             while not self.stopping.is_set():
                 try:
@@ -277,13 +278,29 @@ class Agent:
         return False
 
     def read_view(self) -> Optional[model.ClusterView]:
-        try:
-            view = self.store.snapshot()
-        except StoreError as exc:
-            if self.etcd_ok:
-                log.warning("etcd unreachable, claiming nothing until it answers: %s", exc)
-            self.etcd_ok = False
-            return None
+        """The cluster as the watch has told it; None while etcd is unreachable or the watch is not current.
+
+        Every reconcile_interval: a linearizable read (fails without a leader) and a
+        progress request on the watch stream, whose answer keeps the copy "current";
+        nothing else goes to etcd, so an idle agent's cost does not grow with services.
+        """
+        now = self.clock()
+        if now >= self._next_check:
+            try:
+                self.store.revision()
+                self.watcher.request_progress()
+                self._next_check = now + self.config.reconcile_interval
+            except StoreError as exc:
+                self._next_check = now + min(decide.FAST_TICK, self.config.reconcile_interval)
+                return self.etcd_unreachable(str(exc))
+        view = self.watcher.view(stale_after=2 * self.config.reconcile_interval + self.config.etcd.timeout + 1)
+        if view is None:
+            if self.watcher.synced.is_set() and self.watcher.connected.is_set():
+                self.watcher.restart()  # it stopped answering (a member cut off from its leader?)
+                return self.etcd_unreachable("the watch stopped answering; restarting it")
+            if self.watcher.synced.is_set():
+                return self.etcd_unreachable("the watch is not connected")
+            return None  # just started: the first listing is on its way (and wakes us)
         if not self.etcd_ok:
             log.info("etcd reachable again at revision %d", view.revision)
         self.etcd_ok = True
@@ -291,6 +308,12 @@ class Agent:
             log.warning("bad key in etcd: %s", problem)
         self.problems = set(view.problems)
         return view
+
+    def etcd_unreachable(self, why: str) -> None:
+        if self.etcd_ok:
+            log.warning("etcd unreachable, claiming nothing until it answers: %s", why)
+        self.etcd_ok = False
+        return None
 
     def priorities(self) -> dict[str, int]:
         return {name: s.priority for name, s in self.config.services.items()}

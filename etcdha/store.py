@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import grpc
 from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
 
 from etcdha import model
 from etcdha.config import EtcdConfig, parse_endpoint
@@ -171,12 +172,16 @@ class Store:
         return resp.header.revision, self._kvs(resp.kvs)
 
     @_translate
-    def snapshot(self) -> model.ClusterView:
-        """The whole cluster state (history excluded) at one revision, read atomically."""
+    def listing(self) -> tuple[int, list[model.KV]]:
+        """Every key of the cluster state (history excluded) at one revision, read atomically."""
         ops = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=a, range_end=b)) for a, b in self._ranges()]
         resp = self._txn([], ops)
-        kvs = [kv for r in resp.responses for kv in self._kvs(r.response_range.kvs)]
-        return model.build_view(self.prefix, resp.header.revision, kvs)
+        return resp.header.revision, [kv for r in resp.responses for kv in self._kvs(r.response_range.kvs)]
+
+    def snapshot(self) -> model.ClusterView:
+        """The whole cluster state (history excluded) at one revision, read atomically."""
+        revision, kvs = self.listing()
+        return model.build_view(self.prefix, revision, kvs)
 
     @_translate
     def revision(self) -> int:
@@ -369,6 +374,9 @@ class Store:
     def watcher(self, wake: Callable[[], None]) -> "Watcher":
         return Watcher(self, wake)
 
+    def informer(self, wake: Callable[[], None]) -> "Informer":
+        return Informer(self, wake)
+
 
 class Watcher(threading.Thread):
     """Watches the whole prefix and calls `wake()` on every change; never carries data.
@@ -378,6 +386,10 @@ class Watcher(threading.Thread):
     calls `wake()` so the agent re-reads the full state it may have missed.
     """
 
+    # Resume after a progress notification's revision? Only where nothing is kept from events:
+    # etcd 3.4 can send one ahead of events it has not delivered yet.
+    trust_progress = True
+
     def __init__(self, store: Store, wake: Callable[[], None]):
         super().__init__(name="etcdha-watch", daemon=True)
         self.store = store
@@ -386,7 +398,9 @@ class Watcher(threading.Thread):
         self.revision = 0  # last revision seen
         self.connected = threading.Event()  # set while a watch stream is established
         self.restarts = 0
+        self.last_heard = 0.0  # monotonic time of the last answer on the stream (events or progress)
         self._call = None
+        self._requests: "Optional[queue.Queue[Optional[etcdrpc.WatchRequest]]]" = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -399,7 +413,7 @@ class Watcher(threading.Thread):
         while not self.stopping.is_set():
             try:
                 if self.revision == 0:
-                    self.revision = self.store.revision()
+                    self._start_over()
                 self._watch_once()
                 backoff = 0.1
             except Unavailable as exc:
@@ -416,8 +430,28 @@ class Watcher(threading.Thread):
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, 1.0)
 
+    def _start_over(self) -> None:
+        """No revision to resume from (first start, or compacted): watch from now."""
+        self.revision = self.store.revision()
+
+    def _apply(self, events) -> None:  # noqa: ANN001 - protobuf repeated field
+        """Events of one watch response, in order (the Informer keeps its copy of the keys from them)."""
+
+    def request_progress(self) -> None:
+        """Ask etcd for a progress notification on the stream: proof that the watch is alive."""
+        requests = self._requests
+        if requests is not None:
+            requests.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
+
+    def restart(self) -> None:
+        """Drop the stream (e.g. it stopped answering); run() reconnects and resumes."""
+        call = self._call
+        if call is not None:
+            call.cancel()
+
     def _watch_once(self) -> None:
         requests: "queue.Queue[Optional[etcdrpc.WatchRequest]]" = queue.Queue()
+        self._requests = requests
         for start, end in self.store._ranges():  # history writes do not wake agents
             requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
                 key=start, range_end=end, start_revision=self.revision + 1, progress_notify=True)))
@@ -434,6 +468,7 @@ class Watcher(threading.Thread):
             for resp in call:
                 if self.stopping.is_set():
                     return
+                self.last_heard = time.monotonic()
                 if resp.created:
                     self.connected.set()
                     self.wake()  # we may have missed changes while not watching
@@ -445,12 +480,70 @@ class Watcher(threading.Thread):
                     log.info("watch canceled by etcd: %s", resp.cancel_reason)
                     return
                 if resp.events:
+                    self._apply(resp.events)
                     self.revision = max(self.revision, max(ev.kv.mod_revision for ev in resp.events))
                     self.wake()
-                elif not resp.created:  # progress notification: nothing pending below this revision
+                elif not resp.created and self.trust_progress:  # progress: nothing pending below it
                     self.revision = max(self.revision, resp.header.revision)
         finally:
+            self._requests = None
             requests.put(None)
             call.cancel()
             self._call = None
 
+
+
+class Informer(Watcher):
+    """The agent's copy of the cluster state, kept from the watch: list once, then apply events.
+
+    Idle cost no longer grows with the number of services: a cycle reads this copy,
+    not the prefix. After a compaction (or at start) it lists again; after a broken
+    stream it resumes from its revision, so no event is lost. `view()` is None unless
+    the stream answered within `stale_after` seconds: the agent asks for a progress
+    notification every reconcile (`request_progress`) next to a linearizable read, so
+    a watch that silently stopped (a member cut off from the leader) is noticed and
+    restarted, and the agent meanwhile decides nothing.
+    """
+
+    trust_progress = False  # resume only from the last event applied: never skip one
+
+    def __init__(self, store: Store, wake: Callable[[], None]):
+        super().__init__(store, wake)
+        self._kvs: dict[str, model.KV] = {}
+        self._view: Optional[model.ClusterView] = None
+        self._lock = threading.Lock()
+        self.synced = threading.Event()  # set once a listing is loaded
+        self.lists = 0
+
+    def _start_over(self) -> None:
+        revision, kvs = self.store.listing()
+        with self._lock:
+            self._kvs = {kv.key: kv for kv in kvs}
+            self.revision = revision
+            self._view = None
+        self.lists += 1
+        self.synced.set()
+
+    def _apply(self, events) -> None:  # noqa: ANN001 - protobuf repeated field
+        history = model.history_prefix(self.store.prefix)
+        with self._lock:
+            for ev in events:
+                key = ev.kv.key.decode(errors="replace")
+                if key.startswith(history):
+                    continue
+                if ev.type == kv_pb2.Event.DELETE:
+                    self._kvs.pop(key, None)
+                else:
+                    self._kvs[key] = self.store._kvs([ev.kv])[0]
+            self._view = None
+
+    def view(self, stale_after: float) -> Optional[model.ClusterView]:
+        """The cluster as of the last event, or None if the stream has not answered for `stale_after` s."""
+        if not (self.synced.is_set() and self.connected.is_set()):
+            return None
+        if time.monotonic() - self.last_heard > stale_after:
+            return None
+        with self._lock:
+            if self._view is None:  # rebuilt only after a change: an idle cycle costs nothing here
+                self._view = model.build_view(self.store.prefix, self.revision, list(self._kvs.values()))
+            return self._view

@@ -1,4 +1,4 @@
-"""etcdha.store.Watcher against a real etcd: wakes, resumption after an etcd restart, compaction."""
+"""etcdha.store.Watcher and Informer against a real etcd: wakes, the kept copy, etcd restarts, compaction, staleness."""
 from __future__ import annotations
 
 import threading
@@ -176,3 +176,105 @@ def test_watcher_recovers_from_a_compacted_start_revision(store, watch):
         mark = rec.count()
         rev = store.put(store.prefix + f"/after-compaction-{i}", b"1")
         wait_for(lambda: rec.woke_at(rev, after=mark), WAKE_WITHIN, what="a wake after the compaction")
+
+
+# ---- the Informer: the agent's copy of the cluster, kept from the watch ------------------------
+
+@pytest.fixture
+def informer(store):
+    woke = threading.Event()
+    inf = store.informer(woke.set)
+    inf.start()
+    wait_for(lambda: inf.synced.is_set() and inf.connected.is_set(), 10, what="the informer to list and watch")
+    yield inf
+    inf.stop()
+    inf.join(10)
+
+
+def current(inf, predicate, what: str, timeout: float = WAKE_WITHIN):
+    """Wait until the informer's view satisfies `predicate`; returns that view."""
+    return wait_for(lambda: (lambda v: v if v is not None and predicate(v) else None)(inf.view(30)), timeout,
+                    what=what)
+
+
+def test_informer_applies_puts_and_deletes_and_ignores_history(store, informer):
+    from etcdha import model
+
+    lease, _ = store.grant(30)
+    store.put(model.service_key(store.prefix, "web"), model.encode_service("198.18.0.100/24"))
+    store.put(model.candidate_key(store.prefix, "web", "a"), model.encode_candidate(100, None), lease)
+    current(informer, lambda v: "a" in v.candidates.get("web", {}), "the candidate to appear")
+    store.record(model.Event("web", time.time(), "a", "claimed", "vacant", 1))
+    before = informer.view(30)
+    time.sleep(0.3)
+    assert informer.view(30) is before, "a history write neither changes nor rebuilds the view"
+    store.delete(model.candidate_key(store.prefix, "web", "a"))
+    current(informer, lambda v: "web" not in v.candidates, "the delete to be applied")
+    store.put(model.candidate_key(store.prefix, "web", "b"), model.encode_candidate(50, None), lease)
+    store.revoke(lease)  # deletes b's candidate key with the lease
+    view = current(informer, lambda v: v.revision >= store.revision() - 1 and "web" not in v.candidates,
+                   "the revoke to be applied")
+    assert view.services == {"web": "198.18.0.100/24"}
+    assert informer.lists == 1, "events only, no re-listing"
+
+
+def test_informer_view_matches_a_fresh_snapshot_after_many_changes(store, informer):
+    from etcdha import model
+
+    lease, _ = store.grant(30)
+    for i in range(60):
+        store.put(model.candidate_key(store.prefix, f"s{i % 7}", f"n{i % 5}"), model.encode_candidate(i, None), lease)
+        if i % 3 == 0:
+            store.delete(model.candidate_key(store.prefix, f"s{(i + 2) % 7}", f"n{(i + 1) % 5}"))
+    fresh = store.snapshot()
+    view = current(informer, lambda v: v.candidates == fresh.candidates, "the informer to converge on the snapshot")
+    assert view.candidates == fresh.candidates
+    store.revoke(lease)
+
+
+def test_informer_keeps_every_change_across_an_etcd_restart(etcd_server, store, informer):
+    from etcdha import model
+
+    etcd_server.stop()
+    wait_for(lambda: not informer.connected.is_set(), 10, what="the informer to notice etcd is gone")
+    etcd_server.start()
+    put_retrying(store, model.service_key(store.prefix, "after"), model.encode_service(None))
+    current(informer, lambda v: "after" in v.services, "the change made after the restart", timeout=15)
+    assert informer.lists == 1, "it resumed from its revision instead of listing again"
+
+
+def test_informer_lists_again_after_a_compaction(store, informer):
+    from etcdha import model
+
+    informer.stop()  # hold it off while the history it would resume from is compacted away
+    informer.join(10)
+    inf = store.informer(lambda: None)
+    inf.revision = 1  # as if it had stopped long ago
+    store.put(model.service_key(store.prefix, "x"), model.encode_service(None))
+    rev = store.revision()
+    store.kv.Compact(etcdrpc.CompactionRequest(revision=rev, physical=True), timeout=5)
+    inf.start()
+    try:
+        current(inf, lambda v: "x" in v.services, "the informer to list again after the compaction", timeout=10)
+        assert inf.lists == 1
+    finally:
+        inf.stop()
+        inf.join(10)
+
+
+def test_informer_view_goes_stale_when_the_stream_stops_answering(etcd_server, store, informer):
+    """A watch that silently stops (here: etcd frozen with SIGSTOP) must not feed decisions."""
+    import os
+    import signal
+
+    informer.request_progress()
+    wait_for(lambda: informer.view(1.0) is not None, 2, what="a fresh view")
+    os.kill(etcd_server.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.2)
+        informer.request_progress()
+        wait_for(lambda: informer.view(1.0) is None, 3, what="the view to be reported stale")
+    finally:
+        os.kill(etcd_server.pid, signal.SIGCONT)
+    informer.request_progress()
+    wait_for(lambda: informer.view(1.0) is not None, 5, what="a fresh view once etcd answers again")
