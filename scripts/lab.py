@@ -703,3 +703,207 @@ class Sampler:
 
     def nobody(self) -> bool:
         return not any(v or p for state in self.sample_all().values() for v, p in state.values())
+
+
+# ---- scale: many services, observed cheaply (used by `scripts/bench --services N`) ----------------
+
+SCALE_MARKER = "LAB_SERVICE"  # environment variable naming the service in every scale program
+
+
+def scale_vip(k: int, count: int) -> str:
+    """The k-th of `count` VIPs: spread round-robin over /24s 198.18.1.0/24, .2.0/24, ... (at least
+    three, more when one would hold over 250), never in the nodes' own 198.18.0.0/24."""
+    subnets = max(3, -(-count // 250))
+    third = 1 + k % subnets
+    if third > 255 + 256:
+        raise ValueError(f"too many VIPs for 198.18.0.0/15: {count}")
+    return f"198.{18 + third // 256}.{third % 256}.{1 + k // subnets}/24"
+
+
+def scale_services(count: int, vip_every: int = 2, command: tuple[str, ...] = ("sleep", "1000000"),
+                   startsecs: Optional[int] = None) -> dict:
+    """`count` distinct services s0001.. all running `command`, every `vip_every`-th one (the first
+    included) with a VIP from scale_vip on eth0. Each program carries LAB_SERVICE=NAME in its
+    environment, which is how ScaleSampler finds it outside its cgroup."""
+    width = max(4, len(str(count)))
+    with_vip = (count + vip_every - 1) // vip_every
+    found = {}
+    for i in range(count):
+        name = f"s{i + 1:0{width}d}"
+        svc: dict = {"command": list(command), "environment": {SCALE_MARKER: name}}
+        if i % vip_every == 0:
+            svc.update(vip=scale_vip(i // vip_every, with_vip), interface="eth0")
+        if startsecs is not None:
+            svc["startsecs"] = startsecs
+        found[name] = svc
+    return found
+
+
+def proc_status_kib(pid: int, field_name: str = "VmRSS") -> Optional[int]:
+    """A /proc/PID/status field in KiB (VmRSS by default), or None if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def proc_cpu_seconds(pid: int) -> Optional[float]:
+    """utime + stime of PID (all its threads) in seconds, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def local_addresses(lab: Lab, name: str) -> set[str]:
+    """Every local IPv4 address in node `name`'s namespace (one read of its holder's fib_trie)."""
+    try:
+        lines = Path(f"/proc/{lab.holders[name].pid}/net/fib_trie").read_text().splitlines()
+    except OSError:
+        return set()
+    found, last = set(), None
+    for line in lines:
+        s = line.strip()
+        if s.startswith("|-- "):
+            last = s[4:]
+        elif last and s.startswith("/32 host LOCAL"):
+            found.add(last)
+    return found
+
+
+def interface_bytes(lab: Lab, name: str, interface: str = "eth0") -> Optional[int]:
+    """Received + transmitted bytes of `interface` in node `name`'s namespace (its holder's /proc/PID/net/dev)."""
+    try:
+        for line in Path(f"/proc/{lab.holders[name].pid}/net/dev").read_text().splitlines():
+            head, _, rest = line.partition(":")
+            if head.strip() == interface:
+                fields = rest.split()
+                return int(fields[0]) + int(fields[8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def etcd_metrics(etcd: Etcd, timeout: float = 10) -> dict[str, float]:
+    """etcd's Prometheus /metrics as {'name{labels}': value}, fetched from inside etcd's own namespace
+    (so the fetch crosses no node's link) with curl."""
+    res = etcd.lab.run(etcd.role, ["curl", "-sS", "--max-time", str(timeout), f"{etcd.endpoint}/metrics"],
+                       timeout=timeout + 5)
+    if res.returncode:
+        raise RuntimeError(f"cannot read {etcd.endpoint}/metrics: {res.stderr.strip()}")
+    found = {}
+    for line in res.stdout.splitlines():
+        m = METRIC_LINE.match(line)
+        if m:
+            with contextlib.suppress(ValueError):
+                found[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return found
+
+
+def crash_node(node: Node) -> None:
+    """The whole node dies at once: every process in its namespace but the holder is stopped
+    (SIGSTOP, so nothing - the fence included - can act on the others' deaths), then killed;
+    its cgroup subtree is destroyed and every address on eth0 but the node's own removed (one
+    `ip -batch`). Nothing is revoked or released: the node's lease has to run out."""
+    lab = node.lab
+    holder = lab.holders[node.name].pid
+    pids = [p for p in netns_pids(lab.ns(node.name)) if p != holder]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    if node.proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(5)
+    destroy_cgroup(node.cgroup)
+    own = lab.node_ip(node.name)
+    out = sh("ip", "-n", lab.ns(node.name), "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout
+    extra = [w for line in out.splitlines() for w in line.split()[3:4] if w.split("/")[0] != own]
+    if extra:
+        subprocess.run(["ip", "-n", lab.ns(node.name), "-force", "-batch", "-"], check=False, timeout=20,
+                       input="".join(f"addr del {c} dev eth0\n" for c in extra), capture_output=True, text=True)
+
+
+class ScaleSampler(Sampler):
+    """The Sampler's invariant for hundreds of services at a bounded cost.
+
+    Same checks as Sampler - per service, its VIP on at most one node, and its processes (found
+    by the `--name=SERVICE` marker on the command line or LAB_SERVICE=SERVICE in the environment,
+    in any process of a node namespace, or by membership of the service's cgroup on that node)
+    on at most one node - but one sample is one /proc scan, one fib_trie read per node and one
+    cgroup.procs read per service cgroup, whatever the number of services (Sampler scans /proc
+    once per service). The pause between samples adapts so that sampling takes at most `duty`
+    of one core (never less than `interval`); `periods` records it. Violations are counted in
+    full, the first `keep` kept as text.
+    """
+
+    def __init__(self, lab: Lab, interval: float = 0.02, services: Optional[dict[str, Optional[str]]] = None,
+                 duty: float = 0.25, duration: float = 4 * 3600, keep: int = 200):
+        super().__init__(lab, interval, services)
+        self.duty, self.duration, self.keep = duty, duration, keep
+        self.violation_count = 0
+        self.errors = 0
+        self.costs: list[float] = []   # seconds one sample took (CPU, thread time)
+        self.first_sample: Optional[float] = None
+        self.last_sample: Optional[float] = None
+
+    def sample_all(self) -> dict[str, dict[str, tuple[bool, bool]]]:
+        inodes = self.lab.netns_inodes()
+        nodes = self.lab.node_names
+        local = {n: local_addresses(self.lab, n) for n in nodes}
+        running: set[tuple[str, str]] = set()  # (service, node)
+        markers = (b"--name=", (SCALE_MARKER + "=").encode())
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                node = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
+                if node is None:
+                    continue
+                for source in ("cmdline", "environ"):
+                    with open(f"/proc/{entry}/{source}", "rb") as f:
+                        for word in f.read().split(b"\0"):
+                            for marker in markers:
+                                if word.startswith(marker):
+                                    running.add((word[len(marker):].decode(errors="replace"), node))
+            except OSError:
+                continue
+        for procs in self.lab.cgroups.glob("*/*/services/*/cgroup.procs"):
+            with contextlib.suppress(OSError):
+                if procs.read_text().strip():
+                    running.add((procs.parent.name, procs.parent.parent.parent.name))
+        return {svc: {n: (bool(vip) and vip in local[n], (svc, n) in running) for n in nodes}
+                for svc, vip in self.services.items()}
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.duration  # bounded even if the caller forgets to stop us
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.thread_time()
+            try:
+                sample = self.sample_all()
+            except Exception:  # noqa: BLE001 - a vanished file mid-scan must not end the sampling
+                self.errors += 1
+                self._stop.wait(self.interval)
+                continue
+            now = time.monotonic()
+            for svc, state in sample.items():
+                vips = [n for n, (v, _) in state.items() if v]
+                procs = [n for n, (_, p) in state.items() if p]
+                if len(vips) > 1 or len(procs) > 1:
+                    self.violation_count += 1
+                    if len(self.violations) < self.keep:
+                        self.violations.append(f"t={now:.3f} {svc}: VIP on {vips}, running on {procs}")
+            self.samples += 1
+            self.first_sample = self.first_sample or now
+            self.last_sample = now
+            cost = time.thread_time() - started
+            self.costs.append(cost)
+            self._stop.wait(max(self.interval, cost * (1 / self.duty - 1)))
