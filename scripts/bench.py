@@ -5,16 +5,28 @@ For each trial it takes the current owner, injects the fault, and measures from 
 fault to the first answer on the VIP from another node ("takeover"), and the longest
 stretch without any answer ("gap"). The faulted agent is then restarted so every trial
 sees three nodes. The invariant sampler runs throughout; any double copy is reported.
+
+With --services N[,N...] it runs the scale benchmark instead (see scale_main): per N, a fresh
+3-node cluster with N services, cold start, agent kill -9 and whole-node crash of the node
+owning about N/3, a drain, and the steady-state cost of the agents.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
+import select
 import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
 
 import lab as L
 
@@ -73,12 +85,723 @@ def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig, ttl: floa
     return first - t0, gap
 
 
+# ---- scale mode: `--services N[,N...]` ---------------------------------------------------------
+
+POLL_INTERVAL = 0.1   # the status poller's shortest pause between polls (it adapts to its own cost)
+POLL_DUTY = 0.5       # ... so that polling takes at most this share of one core
+SETTLE_QUIET = 2.0    # "quiet": every service RUNNING on a live owner and no change seen for this long
+
+
+def poll_status(argv: list[str]) -> int:
+    """`bench.py poll-status ENDPOINTS PREFIX DURATION`: the scale benchmark's status poller.
+
+    Runs in the client namespace. Calls `etcdha --endpoints E --prefix P status --json` in-process
+    (the stable interface, without a Python start-up per poll) and prints one JSON line per poll:
+    {"ts": start, "t": end (monotonic), "s": {SERVICE: [owner, state]} for the services that
+    changed since the previous line, "gone": [...], "n": {NODE: [alive, drained]}}, or
+    {"ts", "t", "error"}. The pause between polls is POLL_INTERVAL, or longer so that polling
+    takes at most POLL_DUTY of a core. Lines on stdin: "pause" (no etcd request at all until
+    "resume"); EOF ends it. Bounded by DURATION seconds.
+    """
+    import io
+
+    from etcdha import cli
+
+    endpoints, prefix, duration = argv[0], argv[1], float(argv[2])
+    args = ["--endpoints", endpoints, "--prefix", prefix, "--timeout", "2", "status", "--json"]
+    end = time.monotonic() + duration
+    last: dict[str, list] = {}
+    paused, pending = False, b""
+    while time.monotonic() < end:
+        wait = 0.2
+        if not paused:
+            ts = time.monotonic()
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    cli.main(args, prog_name="etcdha", standalone_mode=False)
+                doc = json.loads(out.getvalue())
+                t = time.monotonic()
+                now = {name: [svc.get("owner"), svc.get("state")] for name, svc in doc["services"].items()}
+                line = {"ts": ts, "t": t, "s": {k: v for k, v in now.items() if last.get(k) != v},
+                        "gone": [k for k in last if k not in now],
+                        "n": {name: [bool(n.get("alive")), bool(n.get("drained"))] for name, n in doc["nodes"].items()}}
+                last = now
+            except Exception as exc:  # noqa: BLE001 - etcd unreachable or anything: this poll saw nothing
+                line = {"ts": ts, "t": time.monotonic(), "error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(json.dumps(line), flush=True)
+            took = time.monotonic() - ts
+            wait = max(POLL_INTERVAL, took * (1 / POLL_DUTY - 1))
+        if select.select([sys.stdin], [], [], wait)[0]:
+            data = os.read(sys.stdin.fileno(), 4096)
+            if not data:
+                return 0
+            pending += data
+            while b"\n" in pending:
+                command, pending = pending.split(b"\n", 1)
+                if command.strip() == b"pause":
+                    paused = True
+                elif command.strip() == b"resume":
+                    paused = False
+                    last = {}  # the next line is complete again
+    return 0
+
+
+class Watch:
+    """The first poll that started at or after `after` and in which `pred(services, nodes)` held."""
+
+    def __init__(self, pred: Callable[[dict, dict], bool], after: float):
+        self.pred, self.after = pred, after
+        self.at: Optional[float] = None   # that poll's end time (the state was reached by then)
+        self.done = threading.Event()
+
+
+class Feed:
+    """The poller's lines, applied to a current view: services {NAME: (owner, state)}, nodes {NAME: (alive, drained)}."""
+
+    def __init__(self, cluster: L.Cluster, duration: float):
+        endpoints = ",".join(f"http://{cluster.lab.etcd_ip(r)}:2379" for r in cluster.lab.etcd_roles)
+        self.services: dict[str, tuple] = {}
+        self.nodes: dict[str, tuple] = {}
+        self.polls = 0
+        self.errors = 0
+        self.last_error = ""
+        self.durations: list[float] = []
+        self.periods: list[float] = []
+        self.last_change = 0.0
+        self.last_poll = 0.0
+        self._lock = threading.Lock()
+        self._watches: list[Watch] = []
+        self.proc = cluster.lab.popen("cl", [sys.executable, str(Path(__file__).resolve()), "poll-status", endpoints,
+                                             cluster.prefix, str(duration)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        previous_start = None
+        for text in self.proc.stdout:
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            with self._lock:
+                self.polls += 1
+                if previous_start is not None and line["ts"] - previous_start < 5:
+                    self.periods.append(line["ts"] - previous_start)
+                previous_start = line["ts"]
+                if "error" in line:
+                    self.errors += 1
+                    self.last_error = line["error"]
+                    continue
+                self.durations.append(line["t"] - line["ts"])
+                nodes = {k: tuple(v) for k, v in line["n"].items()}
+                if line["s"] or line["gone"] or nodes != self.nodes:
+                    self.last_change = line["t"]
+                for name, value in line["s"].items():
+                    self.services[name] = tuple(value)
+                for name in line["gone"]:
+                    self.services.pop(name, None)
+                self.nodes = nodes
+                self.last_poll = line["t"]
+                for w in self._watches:
+                    if not w.done.is_set() and line["ts"] >= w.after and w.pred(self.services, self.nodes):
+                        w.at = line["t"]
+                        w.done.set()
+
+    def watch(self, pred: Callable[[dict, dict], bool], after: float) -> Watch:
+        w = Watch(pred, after)
+        with self._lock:
+            self._watches.append(w)
+        return w
+
+    def forget(self, *watches: Watch) -> None:
+        with self._lock:
+            self._watches = [w for w in self._watches if w not in watches]
+
+    def view(self) -> tuple[dict, dict]:
+        with self._lock:
+            return dict(self.services), dict(self.nodes)
+
+    def send(self, command: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._thread.join(5)
+
+
+def wait_watches(watches: list[Watch], deadline: float) -> None:
+    for w in watches:
+        w.done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def all_running(names: list[str], avoid: Optional[str] = None) -> Callable[[dict, dict], bool]:
+    """Every service in `names` owned by a live node other than `avoid`, and RUNNING there."""
+    def pred(services: dict, nodes: dict) -> bool:
+        for name in names:
+            owner, state = services.get(name, (None, None))
+            if owner is None or owner == avoid or state != "RUNNING" or not nodes.get(owner, (False,))[0]:
+                return False
+        return True
+    return pred
+
+
+def all_owned(names: list[str], avoid: Optional[str] = None) -> Callable[[dict, dict], bool]:
+    """Every service in `names` owned by a node other than `avoid`."""
+    def pred(services: dict, nodes: dict) -> bool:
+        return all(services.get(name, (None,))[0] not in (None, avoid) for name in names)
+    return pred
+
+
+def leftover(feed: Feed, names: list[str], avoid: Optional[str]) -> str:
+    """Why `all_running(names, avoid)` does not hold now: counts of owner/state combinations."""
+    services, nodes = feed.view()
+    counts: dict[str, int] = {}
+    for name in names:
+        owner, state = services.get(name, (None, None))
+        if owner is not None and owner != avoid and state == "RUNNING" and nodes.get(owner, (False,))[0]:
+            continue
+        key = ("no owner" if owner is None else f"owner {owner}" + (" (the faulted node)" if owner == avoid else "")
+               + f" {state}")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "nothing"
+
+
+@dataclass
+class Phase:
+    """One timed phase: seconds from its start to each milestone, None when not reached within `timeout`."""
+
+    moved: int = 0
+    victim: str = ""
+    times: dict[str, Optional[float]] = field(default_factory=dict)
+    timeout: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class ScaleResult:
+    n: int
+    vips: int = 0
+    workdir: str = ""
+    spread: dict[str, int] = field(default_factory=dict)
+    cold: Optional[Phase] = None
+    trials: dict[str, list[Phase]] = field(default_factory=lambda: {"agent-kill-9": [], "node-crash": []})
+    drain: Optional[Phase] = None
+    idle: dict = field(default_factory=dict)
+    samples: int = 0
+    sample_period: float = 0.0
+    sample_cost: float = 0.0
+    plain_sample_cost: float = 0.0
+    violations: int = 0
+    violation_lines: list[str] = field(default_factory=list)
+    poll_period: float = 0.0
+    poll_cost: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+    handoffs: dict[str, int] = field(default_factory=dict)     # node -> fence firings after its agent was killed
+    others: set[str] = field(default_factory=set)              # other etcdha labs seen running meanwhile
+    load: list[float] = field(default_factory=list)            # 1-minute load average at each phase start
+
+
+def note_load(result: ScaleResult, own_tag: str) -> None:
+    """Remember the load average and any other etcdha lab (tests, another bench) sharing the machine."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        result.load.append(float(Path("/proc/loadavg").read_text().split()[0]))
+    out = L.sh("ip", "netns", "list", check=False).stdout
+    for line in out.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(L.TAG_PREFIX) and not name.startswith(own_tag + "-"):
+            result.others.add(name.rsplit("-", 1)[0])
+
+
+def settle(feed: Feed, names: list[str], nodes: list[str], timeout: float) -> Optional[str]:
+    """Wait until every node is alive, every service RUNNING on a live owner and nothing changed for
+    SETTLE_QUIET s. None when quiet; otherwise what was still wrong."""
+    deadline = time.monotonic() + timeout
+    pred = all_running(names)
+    while time.monotonic() < deadline:
+        services, alive = feed.view()
+        now = time.monotonic()
+        if (all(alive.get(n, (False,))[0] for n in nodes) and pred(services, alive)
+                and now - feed.last_change >= SETTLE_QUIET and feed.last_poll > now - 5):
+            return None
+        time.sleep(0.2)
+    services, alive = feed.view()
+    dead = [n for n in nodes if not alive.get(n, (False,))[0]]
+    return (f"not quiet after {timeout:g}s: " + (f"nodes not alive: {', '.join(dead)}; " if dead else "")
+            + f"not RUNNING on a live owner: {leftover(feed, names, None)}")
+
+
+def pick_victim(feed: Feed, n: int) -> tuple[str, list[str]]:
+    """The node whose number of owned services is closest to N/3 (ties: the one owning more), and those services.
+
+    There is no failback, so after a fault one node holds about 2N/3; choosing by closeness to N/3
+    keeps every trial moving about a third of the services.
+    """
+    services, _ = feed.view()
+    owned: dict[str, list[str]] = {}
+    for name, (owner, _state) in services.items():
+        if owner is not None:
+            owned.setdefault(owner, []).append(name)
+    victim = min(owned, key=lambda node: (abs(len(owned[node]) - n / 3), -len(owned[node]), node))
+    return victim, sorted(owned[victim])
+
+
+def timed(feed: Feed, names: list[str], victim: Optional[str], timeout: float,
+          fault: Callable[[], None]) -> Phase:
+    """Inject `fault` and time it until every service in `names` is owned elsewhere, then RUNNING elsewhere."""
+    t0 = time.monotonic()
+    owned = feed.watch(all_owned(names, victim), t0)
+    running = feed.watch(all_running(names, victim), t0)
+    fault()
+    wait_watches([owned, running], t0 + timeout)
+    feed.forget(owned, running)
+    phase = Phase(moved=len(names), victim=victim or "", timeout=timeout,
+                  times={"owned": owned.at - t0 if owned.at else None, "running": running.at - t0 if running.at else None})
+    if running.at is None:
+        phase.note = f"after {timeout:g}s: {leftover(feed, names, victim)}"
+    return phase
+
+
+def restart(cluster: L.Cluster, feed: Feed, node: str, names: list[str], timeout: float, ttl: float) -> Optional[str]:
+    """Bring a faulted node back as a candidate and wait for a quiet cluster; None, or what went wrong."""
+    cluster.nodes[node].stop()
+    cluster.nodes[node].start()
+    try:
+        L.wait_until(lambda: feed.view()[1].get(node, (False,))[0], 60, f"{node} to rejoin", interval=0.1)
+    except TimeoutError as exc:
+        return str(exc)
+    time.sleep(ttl + 0.5)  # its startup grace: a rejoined agent claims nothing before it ends
+    return settle(feed, names, list(cluster.nodes), timeout)
+
+
+def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> dict:
+    """RSS and CPU of every agent, fence and supervisord, eth0 bytes per node and etcd's gRPC
+    messages over `seconds` of idle (the status poller paused: it sends no request meanwhile)."""
+    feed.send("pause")
+    time.sleep(1.0)  # a poll in flight ends
+    procs = {}
+    for name, node in cluster.nodes.items():
+        procs[name] = {"agent": node.pid, "fence": node.fence_pid(), "supervisord": node.supervisord_pid()}
+
+    def cpu() -> dict:
+        return {(n, k): L.proc_cpu_seconds(p) if p else None for n, ps in procs.items() for k, p in ps.items()}
+
+    def received(metrics: dict[str, float]) -> dict[str, float]:
+        by_method: dict[str, float] = {}
+        for key, value in metrics.items():
+            if key.startswith("grpc_server_msg_received_total{"):
+                method = key.split('grpc_method="', 1)[1].split('"', 1)[0]
+                by_method[method] = by_method.get(method, 0.0) + value
+        return by_method
+
+    m0, c0, b0 = received(L.etcd_metrics(etcd)), cpu(), {n: L.interface_bytes(cluster.lab, n) for n in cluster.nodes}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    m1, c1, b1 = received(L.etcd_metrics(etcd)), cpu(), {n: L.interface_bytes(cluster.lab, n) for n in cluster.nodes}
+    window = time.monotonic() - t0
+    feed.send("resume")
+    result = {"window": window, "rss": {}, "cpu": {}, "bytes": {}}
+    for (n, kind), before in c0.items():
+        after = c1[(n, kind)]
+        result["cpu"][(n, kind)] = None if before is None or after is None else 100 * (after - before) / window
+        pid = procs[n][kind]
+        result["rss"][(n, kind)] = L.proc_status_kib(pid) if pid else None
+    for n in cluster.nodes:
+        result["bytes"][n] = None if b0[n] is None or b1[n] is None else (b1[n] - b0[n]) / window
+    methods = {m: (m1.get(m, 0.0) - m0.get(m, 0.0)) / window for m in m1}
+    result["methods"] = {m: r for m, r in sorted(methods.items(), key=lambda kv: -kv[1]) if r > 0}
+    result["requests"] = sum(methods.values()) / len(cluster.nodes)
+    return result
+
+
+def scan_logs(cluster: L.Cluster, result: ScaleResult) -> None:
+    """Agent tracebacks and fence firings (each node's agent.log) as problems, with excerpts."""
+    for node in cluster.nodes.values():
+        try:
+            lines = node.log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        fired = [line for line in lines if "fired" in line]
+        if tracebacks:
+            result.problems.append(f"{node.name}: {len(tracebacks)} traceback(s) in {node.log}")
+            i = tracebacks[0]
+            end = next((j for j in range(i + 1, min(len(lines), i + 60)) if lines[j] and not lines[j][0].isspace()
+                        and not lines[j].startswith("Traceback")), min(len(lines), i + 30))
+            result.evidence.append(f"{node.name} {node.log}:\n    " + "\n    ".join(lines[max(0, i - 2):end + 1]))
+        # after our kill -9 of the agent the fence fires by design ("agent gone"): the handoff
+        unexpected = [line for line in fired if "agent gone" not in line]
+        if unexpected:
+            result.problems.append(f"{node.name}: the fence fired {len(unexpected)} time(s) other than after an agent "
+                                   f"kill (e.g. {unexpected[0].strip()[:300]})")
+        result.handoffs[node.name] = len(fired) - len(unexpected)
+
+
+class ScaleRun:
+    """One N: a fresh lab, etcd and cluster (prefix /scaleN); every phase bounded by `timeout`."""
+
+    def __init__(self, lab: L.Lab, n: int, trials: int, ttl: int, idle: float, timeout: float,
+                 startsecs: Optional[int], result: ScaleResult):
+        self.lab, self.n, self.trials, self.ttl, self.idle, self.timeout = lab, n, trials, ttl, idle, timeout
+        self.result = result
+        config = L.scale_services(n, startsecs=startsecs)
+        self.names = sorted(config)
+        self.vips = {name: svc["vip"].split("/")[0] if "vip" in svc else None for name, svc in config.items()}
+        result.vips = sum(1 for v in self.vips.values() if v)
+        result.workdir = str(lab.workdir)
+        self.etcd = L.Etcd(lab)
+        # service i prefers node i % 3 (200), then the next node (150), then the last (100); the lab's
+        # own 0-20 per rank changes no order. A cold start spreads them N/3 per node; a fault moves a
+        # node's third to the next node, and the third that node then holds alone comes back to the
+        # restarted one when its own node is hit next (see pick_victim): every trial moves about N/3.
+        per_node = {node: {"services": {name: {**svc, "priority": (200, 150, 100)[(k - i) % 3]}
+                                        for i, (name, svc) in enumerate(config.items())}}
+                    for k, node in enumerate(lab.node_names)}
+        self.cluster = L.Cluster(lab, self.etcd, f"/scale{n}", {"lease_ttl": ttl}, per_node)
+        self.feed: Optional[Feed] = None
+
+    def out(self, text: str) -> None:
+        print(f"[N={self.n}] {text}", flush=True)
+
+    def settle(self) -> Optional[str]:
+        return settle(self.feed, self.names, list(self.cluster.nodes), self.timeout)
+
+    def run(self) -> None:
+        result = self.result
+        sampler = None
+        try:
+            self.etcd.start()
+            self.feed = Feed(self.cluster, duration=6 * 3600)
+            L.wait_until(lambda: self.feed.polls > 0, 30, "the status poller's first poll", interval=0.1)
+            with L.ScaleSampler(self.lab, interval=0.02, services=self.vips) as sampler:
+                self.out(f"{self.n} services ({result.vips} with a VIP), lab {self.lab.workdir}")
+                if self.cold_start():
+                    self.steady_state()  # first, while the services are spread N/3 per node
+                    for scenario in ("agent-kill-9", "node-crash"):
+                        self.faults(scenario)
+                    self.drain()
+        except Exception as exc:  # noqa: BLE001 - report what was measured so far, then clean up
+            result.problems.append(f"the run stopped: {type(exc).__name__}: {exc}")
+        finally:
+            if sampler is not None:
+                result.samples = sampler.samples
+                result.violations = sampler.violation_count
+                result.violation_lines = list(sampler.violations)
+                if sampler.samples > 1 and sampler.last_sample and sampler.first_sample:
+                    result.sample_period = (sampler.last_sample - sampler.first_sample) / (sampler.samples - 1)
+                result.sample_cost = statistics.median(sampler.costs) if sampler.costs else 0.0
+                if sampler.errors:
+                    result.problems.append(f"{sampler.errors} samples failed")
+            if self.feed:
+                self.feed.stop()
+                if self.feed.periods:
+                    result.poll_period = statistics.median(self.feed.periods)
+                    result.poll_cost = statistics.median(self.feed.durations) if self.feed.durations else 0.0
+                if self.feed.errors:
+                    result.problems.append(f"{self.feed.errors} of {self.feed.polls} status polls failed "
+                                           f"(last: {self.feed.last_error[:200]})")
+            scan_logs(self.cluster, result)
+            self.cluster.stop()
+            self.etcd.stop()
+
+    def cold_start(self) -> bool:
+        """1. From starting the three agents to every service owned, then RUNNING. True if the cluster got quiet."""
+        result, feed = self.result, self.feed
+        note_load(result, self.lab.tag)
+        t0 = time.monotonic()
+        owned, running = feed.watch(all_owned(self.names), t0), feed.watch(all_running(self.names), t0)
+        self.cluster.start()
+        wait_watches([owned, running], t0 + self.timeout)
+        feed.forget(owned, running)
+        result.cold = Phase(moved=self.n, timeout=self.timeout, times={
+            "owned": owned.at - t0 if owned.at else None, "running": running.at - t0 if running.at else None})
+        if running.at is None:
+            result.cold.note = f"after {self.timeout:g}s: {leftover(feed, self.names, None)}"
+        self.out(f"cold start: {fmt_phase(result.cold)}")
+        quiet = self.settle()
+        services, _ = feed.view()
+        for node in self.cluster.nodes:
+            result.spread[node] = sum(1 for owner, _ in services.values() if owner == node)
+        self.out("services per node: " + ", ".join(f"{k} {v}" for k, v in result.spread.items()))
+        if quiet:
+            result.problems.append(f"after the cold start: {quiet}; nothing else measured")
+        return not quiet
+
+    def steady_state(self) -> None:
+        """5. Idle cost, with what lab.Sampler (one /proc scan per service) would cost per sample here."""
+        started = time.thread_time()
+        L.Sampler(self.lab, services=self.vips).sample_all()
+        self.result.plain_sample_cost = time.thread_time() - started
+        time.sleep(3)
+        note_load(self.result, self.lab.tag)
+        self.result.idle = idle_cost(self.cluster, self.etcd, self.feed, self.idle)
+        self.out(f"idle {self.result.idle['window']:.0f}s: {fmt_idle(self.result.idle)}")
+
+    def faults(self, scenario: str) -> None:
+        """2, 3. Agent kill -9 or whole-node crash of the node owning about N/3, `trials` times."""
+        result = self.result
+        for i in range(self.trials):
+            quiet = self.settle()
+            if quiet:
+                result.problems.append(f"{scenario}: trial {i + 1} not started, {quiet}")
+                return
+            for node in self.cluster.nodes.values():
+                if not node.alive():
+                    result.problems.append(f"{node.name}: the agent exited by itself (restarted)")
+                    restart(self.cluster, self.feed, node.name, self.names, self.timeout, self.ttl)
+            note_load(result, self.lab.tag)
+            victim, moved = pick_victim(self.feed, self.n)
+            node = self.cluster.nodes[victim]
+            fault = (lambda: node.signal(signal.SIGKILL)) if scenario == "agent-kill-9" else (lambda: L.crash_node(node))
+            phase = timed(self.feed, moved, victim, self.timeout, fault)
+            result.trials[scenario].append(phase)
+            self.out(f"{scenario} trial {i + 1}/{self.trials}, {victim} with {len(moved)} services: {fmt_phase(phase)}")
+            problem = restart(self.cluster, self.feed, victim, self.names, self.timeout, self.ttl)
+            if problem:
+                result.problems.append(f"{scenario} trial {i + 1}, after restarting {victim}: {problem}")
+                return
+
+    def drain(self) -> None:
+        """4. `etcdha drain NODE --wait` of the node owning about N/3; then undrain."""
+        result, feed, lab = self.result, self.feed, self.lab
+        quiet = self.settle()
+        if quiet:
+            result.problems.append(f"drain not started: {quiet}")
+            return
+        note_load(result, lab.tag)
+        victim, moved = pick_victim(feed, self.n)
+        endpoints = ",".join(f"http://{lab.etcd_ip(r)}:2379" for r in lab.etcd_roles)
+        cli: dict = {}
+
+        def start() -> None:
+            cli["proc"] = lab.popen("cl", [sys.executable, "-m", "etcdha", "--endpoints", endpoints, "--prefix",
+                                           self.cluster.prefix, "drain", victim, "--wait", "--timeout",
+                                           f"{self.timeout:g}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+            def reap() -> None:
+                text, _ = cli["proc"].communicate()
+                cli["output"] = text.splitlines()
+                cli["at"] = time.monotonic()
+            threading.Thread(target=reap, daemon=True).start()
+
+        t0 = time.monotonic()
+        nothing = feed.watch(lambda services, _nodes: all(owner != victim for owner, _ in services.values()), t0)
+        phase = timed(feed, moved, victim, self.timeout, start)
+        wait_watches([nothing], t0 + self.timeout)
+        feed.forget(nothing)
+        with contextlib.suppress(TimeoutError):
+            L.wait_until(lambda: "at" in cli, max(0.0, t0 + self.timeout - time.monotonic()) + 30,
+                         "etcdha drain --wait to return", interval=0.1)
+        if "at" not in cli:
+            cli["proc"].kill()
+            phase.note += "; `etcdha drain --wait` did not return (killed)"
+        elif cli["proc"].returncode:
+            phase.note += (f"; `etcdha drain --wait` exit {cli['proc'].returncode}: "
+                           + " | ".join(cli["output"][-2:])[:300])
+        ok = "at" in cli and cli["proc"].returncode == 0
+        phase.times = {"nothing": nothing.at - t0 if nothing.at else None, **phase.times,
+                       "cli": cli["at"] - t0 if ok else None}
+        phase.note = phase.note.lstrip("; ")
+        result.drain = phase
+        self.out(f"drain of {victim} with {len(moved)} services: {fmt_phase(phase)}")
+        res = self.cluster.cli("undrain", victim)
+        if res.returncode:
+            result.problems.append(f"undrain {victim}: {res.stderr.strip()}")
+        quiet = self.settle()
+        if quiet:
+            result.problems.append(f"after the drain and undrain: {quiet}")
+
+
+def scale_run(n: int, trials: int, ttl: int, idle: float, timeout: float, startsecs: Optional[int]) -> ScaleResult:
+    """One N in a lab of its own; the lab removes every namespace, cgroup and process on exit."""
+    result = ScaleResult(n=n)
+    with L.Lab(name=f"s{n}") as lab:
+        ScaleRun(lab, n, trials, ttl, idle, timeout, startsecs, result).run()
+    return result
+
+
+def seconds(value: Optional[float], timeout: float) -> str:
+    return f"{value:.2f}" if value is not None else f"not done after {timeout:g}s"
+
+
+def fmt_phase(phase: Phase) -> str:
+    labels = {"nothing": "owns nothing", "owned": "all owned", "running": "all RUNNING", "cli": "drain --wait returned"}
+    text = ", ".join(f"{labels[k]} {seconds(v, phase.timeout)}" for k, v in phase.times.items())
+    return text + (f" ({phase.note})" if phase.note else "")
+
+
+def fmt_idle(idle: dict) -> str:
+    rss = {k: v for k, v in idle["rss"].items()}
+    parts = []
+    for kind in ("agent", "fence", "supervisord"):
+        parts.append(f"{kind} RSS " + "/".join(f"{rss[(n, k)] / 1024:.1f}" if rss[(n, k)] else "-"
+                                                 for (n, k) in rss if k == kind) + " MiB")
+    parts.append("CPU % agent " + "/".join(f"{v:.1f}" if v is not None else "-"
+                                         for (n, k), v in idle["cpu"].items() if k == "agent"))
+    parts.append("bytes/s " + "/".join(f"{v:.0f}" if v is not None else "-" for v in idle["bytes"].values()))
+    parts.append(f"etcd requests/s per node (avg) {idle['requests']:.1f}")
+    return "; ".join(parts)
+
+
+def trial_cell(phases: list[Phase], key: str) -> str:
+    if not phases:
+        return "-"
+    values = [p.times.get(key) for p in phases]
+    got = [v for v in values if v is not None]
+    text = (f"{min(got):.2f} / {statistics.median(got):.2f} / {max(got):.2f} ({len(got)})" if len(got) > 1
+            else f"{got[0]:.2f}" if got else "")
+    missing = len(values) - len(got)
+    if missing:
+        text += ("; " if text else "") + f"{missing} not done after {phases[0].timeout:g}s"
+    return text
+
+
+def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, startsecs: Optional[int]) -> str:
+    head = subprocess.run(["git", "-C", str(L.REPO), "log", "-1", "--format=%h %ad", "--date=format:%Y-%m-%d %H:%M"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(L.REPO), "status", "--porcelain", "etcdha"], capture_output=True,
+                           text=True).stdout.strip()
+    etcd_version = "etcd " + subprocess.run(["etcd", "--version"], capture_output=True,
+                                            text=True).stdout.split("\n")[0].rsplit(" ", 1)[-1]
+    lines = [f"etcdha scale benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
+             f"{os.cpu_count()} cores, 3 nodes, lease_ttl {ttl}s, {etcd_version} with default settings",
+             f"code: {head}" + (" plus uncommitted changes in etcdha/" if dirty else ""),
+             "programs: `sleep 1000000` through etcdha's launcher, every other one with a VIP on eth0 "
+             f"(198.18.1-3.x/24), startsecs {1 if startsecs is None else startsecs}"
+             + (" (so RUNNING comes >= 1 s after a start)" if startsecs in (None, 1) else ""),
+             "seconds from the fault (cold start: from starting the agents; drain: from launching "
+             "`etcdha drain --wait`, Python start-up included)",
+             "as seen by `etcdha status --json` polled in-process (resolution: poll period, see below);",
+             f"faults hit the node owning about N/3; trials as min / median / max (count), {trials} per fault", ""]
+    header = [""] + [f"N={r.n}" for r in results]
+    rows: list[list[str]] = []
+
+    def row(label: str, cells: list[str]) -> None:
+        rows.append([label, *cells])
+
+    def moved(phases: list[Phase]) -> str:
+        return "/".join(str(p.moved) for p in phases) or "-"
+
+    row("services with a VIP", [str(r.vips) for r in results])
+    row("cold start: all owned", [seconds(r.cold.times["owned"], r.cold.timeout) if r.cold else "-" for r in results])
+    row("cold start: all RUNNING", [seconds(r.cold.times["running"], r.cold.timeout) if r.cold else "-"
+                                    for r in results])
+    row("services per node after it", ["/".join(str(v) for v in r.spread.values()) or "-" for r in results])
+    for scenario, title in (("agent-kill-9", "agent kill -9"), ("node-crash", "whole-node crash")):
+        row(f"{title}: services moved", [moved(r.trials[scenario]) for r in results])
+        row("  all owned elsewhere", [trial_cell(r.trials[scenario], "owned") for r in results])
+        row("  all RUNNING elsewhere", [trial_cell(r.trials[scenario], "running") for r in results])
+    row("drain: services moved", [str(r.drain.moved) if r.drain else "-" for r in results])
+    for key, label in (("nothing", "  node owns nothing"), ("running", "  all RUNNING elsewhere"),
+                       ("cli", "  `drain --wait` returned")):
+        row(label, [seconds(r.drain.times.get(key), r.drain.timeout) if r.drain else "-" for r in results])
+
+    def per_node(r: ScaleResult, what: str, kind: str, scale: float, form: str) -> str:
+        if not r.idle:
+            return "-"
+        values = [v for (n, k), v in r.idle[what].items() if k == kind]
+        return "/".join(form.format(v * scale) if v is not None else "-" for v in values)
+
+    row(f"idle ~{idle:g}s, per node n1/n2/n3:", ["" for _ in results])
+    row("  agent RSS MiB", [per_node(r, "rss", "agent", 1 / 1024, "{:.0f}") for r in results])
+    row("  fence RSS MiB", [per_node(r, "rss", "fence", 1 / 1024, "{:.0f}") for r in results])
+    row("  supervisord RSS MiB", [per_node(r, "rss", "supervisord", 1 / 1024, "{:.0f}") for r in results])
+    row("  agent CPU %", [per_node(r, "cpu", "agent", 1, "{:.1f}") for r in results])
+    row("  fence CPU %", [per_node(r, "cpu", "fence", 1, "{:.1f}") for r in results])
+    row("  supervisord CPU %", [per_node(r, "cpu", "supervisord", 1, "{:.1f}") for r in results])
+    row("  eth0 bytes/s (all etcd)", ["/".join(f"{v:.0f}" if v is not None else "-" for v in r.idle["bytes"].values())
+                                      if r.idle else "-" for r in results])
+    row("  etcd requests/s per node, avg", [f"{r.idle['requests']:.1f}" if r.idle else "-" for r in results])
+    row("two-copy samples", [f"{r.violations} of {r.samples}" for r in results])
+    row("  sample every (cost)", [f"{r.sample_period:.2f}s ({r.sample_cost * 1000:.0f} ms)" if r.samples else "-"
+                                  for r in results])
+    row("  lab.Sampler would cost", [f"{r.plain_sample_cost:.2f}s a sample" if r.plain_sample_cost else "-"
+                                     for r in results])
+    row("status poll every (cost)", [f"{r.poll_period:.2f}s ({r.poll_cost * 1000:.0f} ms)" if r.poll_period else "-"
+                                     for r in results])
+    row("fence handoffs (agent kills)", [str(sum(r.handoffs.values())) for r in results])
+    row("load average at phase starts", [f"{min(r.load):.1f}-{max(r.load):.1f}" if r.load else "-" for r in results])
+    row("other etcdha labs meanwhile", [str(len(r.others)) for r in results])
+    row("problems (see below)", [str(len(r.problems)) for r in results])
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
+    lines += ["etcd requests = gRPC messages etcd received (unary calls, keepalives and watch requests), all nodes, "
+              "divided by 3;", "eth0 bytes = received + sent on the node's only link (etcd is all it talks to when idle)"]
+    for r in results:
+        if r.idle:
+            top = ", ".join(f"{m} {v:.1f}" for m, v in list(r.idle["methods"].items())[:6])
+            lines.append(f"N={r.n}: etcd messages/s by method, all nodes: {top}")
+    for r in results:
+        if r.others:
+            lines.append(f"N={r.n}: CPU shared with other etcdha labs running meanwhile ({', '.join(sorted(r.others))}):"
+                         " its times are not those of an idle machine")
+        for p in r.problems:
+            lines.append(f"N={r.n} problem: {p}")
+        for phase in ([r.cold] if r.cold else []) + r.trials["agent-kill-9"] + r.trials["node-crash"] + \
+                ([r.drain] if r.drain else []):
+            if phase.note:
+                lines.append(f"N={r.n} {phase.victim or 'cold start'}: {phase.note}")
+        for v in r.violation_lines[:20]:
+            lines.append(f"N={r.n} two copies: {v}")
+        for e in r.evidence:
+            lines.append(f"N={r.n} log excerpt: {e}")
+        lines.append(f"N={r.n} logs: {r.workdir}")
+    return "\n".join(lines)
+
+
+def scale_main(counts: list[int], trials: int, ttl: int, idle: float, phase_timeout: Optional[float],
+               startsecs: Optional[int]) -> int:
+    results = []
+    for n in counts:
+        timeout = phase_timeout or 60 + n / 2
+        try:
+            results.append(scale_run(n, trials, ttl, idle, timeout, startsecs))
+        except Exception as exc:  # noqa: BLE001 - e.g. the lab could not be built: report it, go on
+            results.append(ScaleResult(n=n, problems=[f"no run: {type(exc).__name__}: {exc}"]))
+    print()
+    print(scale_table(results, trials, ttl, idle, startsecs))
+    return 1 if any(r.violations for r in results) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20, help="trials per scenario (default 20)")
+    parser.add_argument("--trials", type=int, default=None, help="trials per scenario (default 20; 3 with --services)")
     parser.add_argument("--ttl", type=int, default=2, help="lease_ttl in seconds (default 2)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--services", metavar="N[,N...]",
+                        help="scale mode: for each N (e.g. 10,100,500), a fresh cluster with N services; prints cold "
+                             "start, agent kill -9, node crash, drain and idle cost (the scenarios above are not run)")
+    parser.add_argument("--idle", type=float, default=25.0, help="scale mode: idle window in seconds (default 25)")
+    parser.add_argument("--phase-timeout", type=float, default=None,
+                        help="scale mode: seconds each phase may take before it is reported as not done "
+                             "(default 60 + N/2)")
+    parser.add_argument("--startsecs", type=int, default=None,
+                        help="scale mode: startsecs of every program (default: etcdha's default, 1 s, so RUNNING "
+                             "comes at least 1 s after the start)")
     args = parser.parse_args()
+    if args.services is not None:
+        try:
+            counts = [int(x) for x in args.services.split(",") if x.strip()]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1 or max(counts) > 5000:
+            parser.error(f"--services: expected comma-separated counts of 1-5000, got {args.services!r}")
+        return scale_main(counts, 3 if args.trials is None else args.trials, args.ttl, args.idle,
+                          args.phase_timeout, args.startsecs)
+    if args.trials is None:
+        args.trials = 20
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for s in scenarios:
         if s not in SCENARIOS:
@@ -119,4 +842,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(poll_status(sys.argv[2:]) if sys.argv[1:2] == ["poll-status"] else main())
