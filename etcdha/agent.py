@@ -293,7 +293,15 @@ class Agent:
             except StoreError as exc:
                 self._next_check = now + min(decide.FAST_TICK, self.config.reconcile_interval)
                 return self.etcd_unreachable(str(exc))
-        view = self.watcher.view(stale_after=2 * self.config.reconcile_interval + self.config.etcd.timeout + 1)
+        stale_after = 2 * self.config.reconcile_interval + self.config.etcd.timeout + 1
+        view = self.watcher.view(stale_after)
+        for _ in range(50):  # never plan on a view older than our own last claim or release (bounded: 1 s)
+            if view is None or view.revision >= self.store.last_change:
+                break
+            time.sleep(0.02)
+            view = self.watcher.view(stale_after)
+        else:
+            return self.etcd_unreachable(f"the watch is behind our own last change ({self.store.last_change})")
         if view is None:
             if self.watcher.synced.is_set() and self.watcher.connected.is_set():
                 self.watcher.restart()  # it stopped answering (a member cut off from its leader?)
@@ -350,6 +358,8 @@ class Agent:
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
             elif action.kind is Kind.START:
+                if not self.still_owned(service.name, action.token):
+                    return True
                 try:
                     self.hands.start(service, action.token)
                 except (ConfigError, ActuatorError) as exc:
@@ -373,6 +383,16 @@ class Agent:
         except StoreError as exc:
             log.error("%s failed: %s", action, exc)
         return True
+
+    def still_owned(self, service: str, token: int) -> bool:
+        """Right before a start: does etcd itself (linearizable) say the service is ours with this token?"""
+        owner = self.store.owners([service]).get(service)
+        if owner is not None and owner.lease == self.lease.id and owner.create_revision == token:
+            return True
+        log.warning("not starting %s: etcd says its owner key is %s, not ours with token %d", service,
+                    "gone" if owner is None else f"on lease {owner.lease:x} with token {owner.create_revision}", token)
+        self.wake.set()
+        return False
 
     def failure(self, action: Action) -> str:
         """The reason recorded in history when we give a service up."""

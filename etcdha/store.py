@@ -96,6 +96,7 @@ class Store:
     def __init__(self, etcd: EtcdConfig):
         self.prefix = etcd.prefix
         self.timeout = etcd.timeout
+        self.last_change = 0  # revision of our last claim or release: an agent plans on no older view
         self._targets = [parse_endpoint(ep, "etcd endpoint") for ep in etcd.endpoints]
         self._creds = self._credentials(etcd)
         self._lock = threading.Lock()
@@ -307,6 +308,8 @@ class Store:
         if complete_move:
             ops.append(self._delete(model.move_key(self.prefix, service)))
         resp = self._txn(cmp, ops)
+        if resp.succeeded:
+            self.last_change = max(self.last_change, resp.header.revision)
         return resp.header.revision if resp.succeeded else None
 
     @_translate
@@ -367,7 +370,30 @@ class Store:
         key = model.owner_key(self.prefix, service)
         cmp = etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.LEASE,
                               result=etcdrpc.Compare.EQUAL, lease=lease)
-        return self._txn([cmp], [self._delete(key)]).succeeded
+        resp = self._txn([cmp], [self._delete(key)])
+        if resp.succeeded:
+            self.last_change = max(self.last_change, resp.header.revision)
+        return resp.succeeded
+
+    @_translate
+    def owners(self, services: Sequence[str]) -> dict[str, model.KV]:
+        """Linearizable: the owner keys of `services` that exist now, in one transaction.
+
+        What the agent checks right before starting a program, so a view that lags
+        behind etcd (the watch is a few events behind) can never start one it no
+        longer owns.
+        """
+        found: dict[str, model.KV] = {}
+        for i in range(0, len(services), TXN_OPS):
+            chunk = services[i:i + TXN_OPS]
+            ops = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=model.owner_key(self.prefix, s).encode()))
+                   for s in chunk]
+            resp = self._txn([], ops)
+            for service, r in zip(chunk, resp.responses):
+                kvs = self._kvs(r.response_range.kvs)
+                if kvs:
+                    found[service] = kvs[0]
+        return found
 
     # ---- watch ---------------------------------------------------------------------------------
 
@@ -535,6 +561,8 @@ class Informer(Watcher):
                     self._kvs.pop(key, None)
                 else:
                     self._kvs[key] = self.store._kvs([ev.kv])[0]
+            # with the keys, under the same lock: a view never claims a revision older than its content
+            self.revision = max(self.revision, max(ev.kv.mod_revision for ev in events))
             self._view = None
 
     def view(self, stale_after: float) -> Optional[model.ClusterView]:

@@ -404,3 +404,17 @@ def test_registration_of_500_services_fits_etcds_default_transaction_limit(store
     assert "x" not in store.snapshot().services, "and writes nothing"
     store.revoke(lease)
     store.revoke(other)
+
+
+def test_owners_reads_the_current_owner_keys_in_one_go(store):
+    lease, _ = store.grant(10)
+    names = [f"s{i}" for i in range(150)]  # more than one transaction's worth
+    tokens = {n: store.claim(n, "a", lease, time.time()) for n in names[::2]}
+    found = store.owners(names)
+    assert set(found) == set(names[::2])
+    assert all(found[n].create_revision == tokens[n] and found[n].lease == lease for n in found)
+    assert store.last_change == max(tokens.values())
+    assert store.release("s0", lease)
+    assert store.last_change > max(tokens.values()), "a release is a change an agent must see before planning"
+    assert "s0" not in store.owners(["s0", "s2"]) and "s2" in store.owners(["s0", "s2"])
+    store.revoke(lease)
