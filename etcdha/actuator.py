@@ -163,18 +163,58 @@ class Actuator:
 
     def start(self, service: Service, token: int) -> None:
         """VIP (probed, added, announced), then the program in its cgroup with the fencing token."""
-        if service.vip:
-            cidr = str(service.vip)
-            if not vip.present(service.interface, cidr):
-                other = vip.in_use_elsewhere(service.interface, cidr)
-                if other:
-                    raise ActuatorError(f"VIP {service.vip.ip} is already answered on {service.interface} by "
-                                        f"{other} (not an etcdha owner?); refusing to add a duplicate")
-            if vip.add(service.interface, cidr):
-                log.info("added VIP %s on %s", service.vip, service.interface)
-            self.announcing[service.name] = vip.announce(service.interface, cidr)
-        self.supervisor.start(service, token, self.cgroups.group(service.name), self.supervisord_pid)
-        log.info("started %s (fencing token %d)", service.name, token)
+        failed = self.start_many([(service, token)])
+        if service.name in failed:
+            raise failed[service.name]
+
+    def start_many(self, items: list[tuple[Service, int]]) -> dict[str, ActuatorError]:
+        """Start several services as one batch; returns the failures by service name.
+
+        Per interface: one address dump, one ARP probe window for every VIP we lack (a VIP
+        another host answers for is never added), one netlink socket for the adds and one
+        announcer; then every program in one supervisord round trip. A takeover of many
+        services costs about what one did.
+        """
+        failed: dict[str, ActuatorError] = {}
+        by_interface: dict[str, list[Service]] = {}
+        for service, _ in items:
+            if service.vip:
+                by_interface.setdefault(service.interface, []).append(service)
+        for interface, services in by_interface.items():
+            try:
+                up = {a.split("/")[0] for a in vip.addresses(interface)}
+                missing = [str(s.vip.ip) for s in services if str(s.vip.ip) not in up]
+                for ip, mac in vip.in_use_elsewhere_many(interface, missing).items():
+                    owner = next(s for s in services if str(s.vip.ip) == ip)
+                    failed[owner.name] = ActuatorError(f"VIP {ip} is already answered on {interface} by {mac} (not "
+                                                       "an etcdha owner?); refusing to add a duplicate")
+                todo = [s for s in services if s.name not in failed]
+                added = vip.add_many(interface, [str(s.vip) for s in todo])
+                announced = []
+                for s in todo:
+                    result = added[str(s.vip)]
+                    if isinstance(result, ActuatorError):
+                        failed[s.name] = result
+                        continue
+                    if result:
+                        log.info("added VIP %s on %s", s.vip, interface)
+                    announced.append(s)
+                events = vip.announce_many(interface, [str(s.vip) for s in announced])
+                for s in announced:
+                    self.announcing[s.name] = events[str(s.vip)]
+            except ActuatorError as exc:
+                for s in services:
+                    failed.setdefault(s.name, exc)
+        ready = [(s, token, self.cgroups.group(s.name)) for s, token in items if s.name not in failed]
+        try:
+            failed.update(self.supervisor.start_many(ready, self.supervisord_pid))
+        except ActuatorError as exc:
+            for s, _, _ in ready:
+                failed.setdefault(s.name, exc)
+        for s, token, _ in ready:
+            if s.name not in failed:
+                log.info("started %s (fencing token %d)", s.name, token)
+        return failed
 
     def stop(self, service: Service) -> None:
         """Program stop, SIGTERM to what remains, cgroup.kill after stopwaitsecs, then VIP down.

@@ -254,9 +254,13 @@ class Agent:
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
-        for action in plan.actions:
-            if not self.execute(action):
+        starts = [a for a in plan.actions if a.kind is Kind.START]
+        for action in plan.actions:  # starts last, as one batch (different services: order does not matter)
+            if action.kind is not Kind.START and not self.execute(action):
+                starts = []
                 break  # we fenced ourselves: the rest of the plan is void
+        if starts:
+            self.start_all(starts)
         if view is not None:
             self.publish(view, local)
             if not self.ready:
@@ -358,13 +362,7 @@ class Agent:
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
             elif action.kind is Kind.START:
-                if not self.still_owned(service.name, action.token):
-                    return True
-                try:
-                    self.hands.start(service, action.token)
-                except (ConfigError, ActuatorError) as exc:
-                    log.error("%s failed: %s", action, exc)
-                    self.release(service, str(exc), action.token)
+                return self.start_all([action])
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
             elif action.kind is Kind.RELEASE:
@@ -384,15 +382,42 @@ class Agent:
             log.error("%s failed: %s", action, exc)
         return True
 
-    def still_owned(self, service: str, token: int) -> bool:
-        """Right before a start: does etcd itself (linearizable) say the service is ours with this token?"""
-        owner = self.store.owners([service]).get(service)
-        if owner is not None and owner.lease == self.lease.id and owner.create_revision == token:
+    def start_all(self, actions: list[Action]) -> bool:
+        """START actions as one batch: only what etcd itself still says is ours; failures are released.
+
+        The owner keys are read from etcd (linearizable, one transaction) right before:
+        a view that lags behind can never start a program we no longer own. False if we
+        had to fence ourselves.
+        """
+        if not (self.hands.runtime_alive() and self.lease.poll() is LeaseState.OK):
+            log.warning("not starting %s: the lease is no longer healthy", ", ".join(a.service for a in actions))
+            self.wake.set()
             return True
-        log.warning("not starting %s: etcd says its owner key is %s, not ours with token %d", service,
-                    "gone" if owner is None else f"on lease {owner.lease:x} with token {owner.create_revision}", token)
-        self.wake.set()
-        return False
+        try:
+            owners = self.store.owners([a.service for a in actions])
+        except StoreError as exc:
+            log.error("not starting %s: %s", ", ".join(a.service for a in actions), exc)
+            return True
+        ours = []
+        for a in actions:
+            owner = owners.get(a.service)
+            if owner is not None and owner.lease == self.lease.id and owner.create_revision == a.token:
+                ours.append(a)
+            else:
+                log.warning("not starting %s: etcd says its owner key is %s, not ours with token %d", a.service,
+                            "gone" if owner is None else f"on lease {owner.lease:x} token {owner.create_revision}",
+                            a.token)
+                self.wake.set()
+        failed = self.hands.start_many([(self.config.services[a.service], a.token) for a in ours])
+        for a in ours:
+            if a.service in failed:
+                log.error("%s failed: %s", a, failed[a.service])
+                try:
+                    self.release(self.config.services[a.service], str(failed[a.service]), a.token)
+                except (ConfigError, ActuatorError) as exc:  # the stop did not hold: nothing may be released
+                    self.recover(f"{a} failed and its stop did not hold, fencing this node: {exc}")
+                    return False
+        return True
 
     def failure(self, action: Action) -> str:
         """The reason recorded in history when we give a service up."""

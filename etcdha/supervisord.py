@@ -190,13 +190,36 @@ class Supervisor:
 
         `parent` is supervisord's pid: the launcher refuses to run under any other parent.
         """
-        spec = self.spec_path(service.name)
-        tmp = spec.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(launch_spec(service, self.config.node, token, cgroup, parent), f)
-        os.replace(tmp, spec)
-        self._call("startProcess", service.name, False)
+        failed = self.start_many([(service, token, cgroup)], parent)
+        if service.name in failed:
+            raise failed[service.name]
+
+    def start_many(self, items: list[tuple[Service, int, Path]], parent: int) -> dict[str, ActuatorError]:
+        """Start several programs in one XML-RPC round trip (system.multicall); returns the failures by name."""
+        for service, token, cgroup in items:
+            spec = self.spec_path(service.name)
+            tmp = spec.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(launch_spec(service, self.config.node, token, cgroup, parent), f)
+            os.replace(tmp, spec)
+        calls = [{"methodName": "supervisor.startProcess", "params": [s.name, False]} for s, _, _ in items]
+        results = self._multicall(calls)
+        failed: dict[str, ActuatorError] = {}
+        for (service, _, _), result in zip(items, results):
+            if isinstance(result, dict) and "faultCode" in result and result["faultCode"] not in SUCCESS_FAULTS:
+                failed[service.name] = ActuatorError(f"supervisord startProcess({service.name!r}): "
+                                                     f"{result.get('faultString')}")
+        return failed
+
+    def _multicall(self, calls: list[dict]) -> list:
+        if not calls:
+            return []
+        proxy = xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport(str(self.socket), self.timeout))
+        try:
+            return proxy.system.multicall(calls)
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError, xmlrpc.client.Fault) as exc:
+            raise ActuatorError(f"supervisord at {self.socket} did not answer multicall: {exc}") from None
 
     def stop(self, service: Service) -> None:
         """Stop a program and wait until it is down (supervisord escalates to SIGKILL after stopwaitsecs).

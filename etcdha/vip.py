@@ -48,17 +48,24 @@ def present(interface: str, cidr: str) -> bool:
 
 def add(interface: str, cidr: str) -> bool:
     """Add the VIP; True if it was added, False if it was already there."""
-    vip = ipaddress.ip_interface(cidr)
+    return add_many(interface, [cidr])[cidr] is True
+
+
+def add_many(interface: str, cidrs: Iterable[str]) -> dict[str, object]:
+    """Add several VIPs over one netlink socket: cidr -> True (added), False (was there) or the error."""
+    done: dict[str, object] = {}
     with IPRoute() as ipr:
         idx = _index(ipr, interface)
-        try:
-            ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
-                     broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
-            return True
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                return False
-            raise ActuatorError(f"cannot add {cidr} to {interface}: {exc}") from None
+        for cidr in cidrs:
+            vip = ipaddress.ip_interface(cidr)
+            try:
+                ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
+                         broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
+                done[cidr] = True
+            except NetlinkError as exc:
+                done[cidr] = False if exc.code == errno.EEXIST else ActuatorError(
+                    f"cannot add {cidr} to {interface}: {exc}")
+    return done
 
 
 def remove(interface: str, cidr: str) -> bool:
@@ -142,76 +149,137 @@ def reply_sender(frame: bytes, ip: str, own_mac: bytes) -> Optional[str]:
 
 
 def in_use_elsewhere(interface: str, cidr: str, timeout: float = 0.05) -> Optional[str]:
-    """Ask the link whether another host already answers for the VIP; its MAC if so.
-
-    Run before adding a VIP we do not have, so a VIP configured on some other machine
-    (or a node that escaped fencing) is never duplicated.
-    """
+    """Ask the link whether another host already answers for the VIP; its MAC if so."""
     ip = str(ipaddress.ip_interface(cidr).ip)
+    return in_use_elsewhere_many(interface, [ip], timeout).get(ip)
+
+
+def in_use_elsewhere_many(interface: str, ips: Iterable[str], timeout: float = 0.05) -> dict[str, str]:
+    """Probe every address at once (RFC 5227, two rounds) and listen `timeout` s: ip -> MAC of a host answering.
+
+    Run before adding VIPs we do not have, so a VIP configured on some other machine
+    (or a node that escaped fencing) is never duplicated. One socket and one wait for
+    all of them: a takeover of many services costs one probe window, not one each.
+    """
+    wanted = {socket.inet_aton(ip): ip for ip in ips}
+    if not wanted:
+        return {}
+    found: dict[str, str] = {}
     try:
         mac = _mac(interface)
+        frames = [probe_frame(mac, ip) for ip in wanted.values()]
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
             sock.bind((interface, 0))
-            frame = probe_frame(mac, ip)
             deadline = time.monotonic() + timeout
-            sent = 0
-            while True:
+            rounds = 0
+            for _ in range(100000):  # bounded by the deadline below
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None
-                if sent < 2 and left <= timeout * (1 - sent / 2):
-                    sock.send(frame)
-                    sent += 1
+                    break
+                if rounds < 2 and left <= timeout * (1 - rounds / 2):
+                    for frame in frames:
+                        sock.send(frame)
+                    rounds += 1
                 sock.settimeout(min(left, timeout / 2))
                 try:
-                    found = reply_sender(sock.recv(128), ip, mac)
+                    frame = sock.recv(128)
                 except socket.timeout:
                     continue
-                if found:
-                    return found
+                if len(frame) >= 42 and frame[28:32] in wanted:
+                    sender = reply_sender(frame, wanted[frame[28:32]], mac)
+                    if sender:
+                        found[wanted[frame[28:32]]] = sender
     except OSError as exc:
-        raise ActuatorError(f"cannot probe for {ip} on {interface}: {exc}") from None
+        raise ActuatorError(f"cannot probe for {', '.join(wanted.values())} on {interface}: {exc}") from None
+    return found
 
 
 GARP_SCHEDULE = (0.0, 0.25, 0.5, 1.25, 2.5)  # seconds after the VIP is added; later ones outlast ARP locktime
 
 
-def announce(interface: str, cidr: str, schedule: Iterable[float] = GARP_SCHEDULE) -> threading.Event:
-    """Send gratuitous ARP (request and reply) now and at the later times of `schedule`, in the background.
+class Announcer:
+    """Sends gratuitous ARP (request and reply) for every VIP we add, on GARP_SCHEDULE, from one thread.
 
     Several rounds, as keepalived does: a neighbour that updated its entry for the VIP
-    less than its locktime (1 s) ago may ignore the first ones. The rounds stop as soon
-    as the VIP is no longer ours (or the returned event is set): a node that has handed
-    the VIP over must never announce it again.
+    less than its locktime (1 s) ago may ignore the first ones. A VIP's rounds stop as
+    soon as it is no longer ours (or its event is set): a node that has handed the VIP
+    over must never announce it again. One thread and one socket per interface for
+    all VIPs, however many are taken over at once.
     """
-    ip = str(ipaddress.ip_interface(cidr).ip)
-    try:
-        frames = arp_frames(_mac(interface), ip)
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-        sock.bind((interface, 0))
-    except (OSError, ActuatorError) as exc:
-        raise ActuatorError(f"cannot send gratuitous ARP for {ip} on {interface}: {exc}") from None
-    cancelled = threading.Event()
 
-    def send_all() -> None:
-        for frame in frames:
-            try:
-                sock.send(frame)
-            except OSError:
-                pass
+    def __init__(self, schedule: Iterable[float] = GARP_SCHEDULE):
+        self.schedule = sorted(schedule)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: list[tuple[float, int, str, str, threading.Event]] = []  # (due, round, interface, cidr, cancel)
+        self._thread: Optional[threading.Thread] = None
 
-    times = sorted(schedule)
-    started = time.monotonic()
+    def announce(self, interface: str, cidr: str) -> threading.Event:
+        """Announce now (in the caller) and at the later rounds (in the background); set the event to stop."""
+        return self.announce_many(interface, [cidr])[cidr]
 
-    def repeat() -> None:
+    def announce_many(self, interface: str, cidrs: list[str]) -> dict[str, threading.Event]:
+        """`announce` for several VIPs of one interface: one socket for the first round."""
+        events = {cidr: threading.Event() for cidr in cidrs}
+        self._send(interface, cidrs)
+        with self._lock:
+            started = time.monotonic()
+            for cidr, cancelled in events.items():
+                for i, at in enumerate(self.schedule[1:], 1):
+                    self._pending.append((started + at, i, interface, cidr, cancelled))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="etcdha-garp", daemon=True)
+                self._thread.start()
+        self._wake.set()
+        return events
+
+    def _send(self, interface: str, cidrs: list[str]) -> None:
         try:
-            for at in times[1:]:
-                if cancelled.wait(max(0.0, started + at - time.monotonic())) or not present(interface, cidr):
-                    return
-                send_all()
-        finally:
-            sock.close()
+            mac = _mac(interface)
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+                sock.bind((interface, 0))
+                for cidr in cidrs:
+                    for frame in arp_frames(mac, str(ipaddress.ip_interface(cidr).ip)):
+                        try:
+                            sock.send(frame)
+                        except OSError:
+                            pass
+        except (OSError, ActuatorError) as exc:
+            raise ActuatorError(f"cannot send gratuitous ARP on {interface} for {', '.join(cidrs)}: {exc}") from None
 
-    send_all()
-    threading.Thread(target=repeat, name="etcdha-garp", daemon=True).start()
-    return cancelled
+    def _run(self) -> None:
+        for _ in range(10_000_000):  # bounded; exits when nothing is pending
+            with self._lock:
+                self._pending = [p for p in self._pending if not p[4].is_set()]
+                if not self._pending:
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                due = [p for p in self._pending if p[0] <= now]
+                self._pending = [p for p in self._pending if p[0] > now]
+                wait = min((p[0] for p in self._pending), default=now + 0.5) - now
+            by_interface: dict[str, list[str]] = {}
+            for _, _, interface, cidr, _ in due:
+                by_interface.setdefault(interface, []).append(cidr)
+            for interface, cidrs in by_interface.items():
+                try:
+                    up = {a.split("/")[0] for a in addresses(interface)}  # one dump for all of its VIPs
+                    mine = [c for c in cidrs if str(ipaddress.ip_interface(c).ip) in up]
+                    if mine:
+                        self._send(interface, mine)
+                except ActuatorError:
+                    pass
+            self._wake.wait(max(0.0, wait))
+            self._wake.clear()
+
+
+_ANNOUNCER = Announcer()
+
+
+def announce(interface: str, cidr: str) -> threading.Event:
+    """Gratuitous ARP for `cidr` now and on GARP_SCHEDULE (see Announcer); set the event to stop."""
+    return _ANNOUNCER.announce(interface, cidr)
+
+
+def announce_many(interface: str, cidrs: list[str]) -> dict[str, threading.Event]:
+    return _ANNOUNCER.announce_many(interface, cidrs)

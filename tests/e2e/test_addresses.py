@@ -76,3 +76,47 @@ def test_removing_one_vip_never_removes_another_of_the_same_foreign_subnet(lab, 
         assert lost == [], f"{staying}'s VIP vanished from n1 {len(lost)} times while {moving}'s was removed"
         assert "promote_secondaries=1" in cluster.nodes["n1"].log.read_text()
         assert sampler.violations == []
+
+
+ARP_LISTENER = r"""
+import socket, struct, sys, time
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+sock.bind(("eth0", 0))
+sock.settimeout(0.2)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        f = sock.recv(128)
+    except socket.timeout:
+        continue
+    op = struct.unpack("!H", f[20:22])[0]
+    print(f"{time.monotonic():.3f} {op} {f[22:28].hex()} {socket.inet_ntoa(f[28:32])} {socket.inet_ntoa(f[38:42])}",
+          flush=True)
+"""
+
+
+def test_the_new_owner_announces_the_vip_in_rounds_and_the_old_one_stays_silent(lab, make_cluster, sampler, probe):
+    import subprocess
+    import sys
+
+    from lab import VIP
+
+    cluster = make_cluster()
+    wait_until(lambda: sampler.holder() == "n1", 30, "n1 to hold web")
+    macs = {n: lab.run(n, ["ip", "-o", "link", "show", "dev", "eth0"]).stdout.split("link/ether ")[1].split()[0]
+            .replace(":", "") for n in ("n1", "n2")}
+    listener = lab.popen("cl", [sys.executable, "-c", ARP_LISTENER, "6"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    res = cluster.cli("move", "web", "--to", "n2", "--wait", "--timeout", "20")
+    assert res.returncode == 0, res.stderr
+    out, _ = listener.communicate(timeout=20)
+    # gratuitous: sender IP == target IP == the VIP (requests and replies alike)
+    garps = [line.split() for line in out.splitlines() if line.split()[3:5] == [VIP, VIP]]
+    by_n2 = sorted(float(t) for t, _, mac, _, _ in garps if mac == macs["n2"] and float(t) > t0)
+    assert {op for _, op, mac, _, _ in garps if mac == macs["n2"]} == {"1", "2"}, "requests and replies"
+    rounds = [t for i, t in enumerate(by_n2) if i == 0 or t - by_n2[i - 1] > 0.1]
+    assert len(rounds) >= 4, f"expected the rounds of the schedule (0, 0.25, 0.5, 1.25, 2.5 s), got {rounds}"
+    assert rounds[-1] - rounds[0] >= 2.0
+    assert not [g for g in garps if g[2] == macs["n1"] and float(g[0]) > t0 + 0.5], "n1 announced after handing over"
+    assert sampler.violations == []
