@@ -21,6 +21,7 @@ from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, host_problems
 from etcdha.decide import Action, Kind, Reason
 from etcdha.errors import ActuatorError, ConfigError, StoreError
+from etcdha.history import HistoryWriter
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
 
@@ -50,6 +51,7 @@ class Agent:
         self.stopping = threading.Event()
         self.store = Store(config.etcd)
         self.hands = Actuator(config, wake=self.wake.set)
+        self.history = HistoryWriter(self.store, config.history_size)
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
         self._next_check = 0.0
@@ -212,6 +214,7 @@ class Agent:
         elif self.lease is not None:
             self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
         self.hands.shutdown()
+        self.history.close()
         self.store.close()
 
     # ---- one cycle --------------------------------------------------------------------------------
@@ -428,13 +431,9 @@ class Agent:
         return "supervisord reports FATAL"
 
     def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
-        """Append to the service's history in etcd; history is best effort, never blocks a decision."""
-        try:
-            self.store.record(model.Event(service=service, time=time.time(), node=self.config.node, event=event,
-                                          reason=reason, token=token, detail=detail),
-                              keep=self.config.history_size)
-        except StoreError as exc:
-            log.warning("could not record %s %s in history: %s", event, service, exc)
+        """Append to the service's history in etcd, in the background: best effort, never blocks a decision."""
+        self.history.record(model.Event(service=service, time=time.time(), node=self.config.node, event=event,
+                                        reason=reason, token=token, detail=detail))
 
     def release(self, service: Service, why: str, token: int = 0) -> None:
         """Give up a service that fails here: stop (verified), step aside for a while, delete the owner key.

@@ -418,3 +418,14 @@ def test_owners_reads_the_current_owner_keys_in_one_go(store):
     assert store.last_change > max(tokens.values()), "a release is a change an agent must see before planning"
     assert "s0" not in store.owners(["s0", "s2"]) and "s2" in store.owners(["s0", "s2"])
     store.revoke(lease)
+
+
+def test_history_writer_writes_in_order_in_the_background_and_flushes_on_close(store):
+    from etcdha.history import HistoryWriter
+
+    writer = HistoryWriter(store, keep=100)
+    t0 = time.time()
+    for i in range(30):
+        writer.record(model.Event("web", t0 + i / 1000, "a", "claimed", "vacant", i + 1))
+    writer.close(timeout=10)
+    assert [e.token for e in store.history("web")] == list(range(1, 31))
