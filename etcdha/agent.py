@@ -54,6 +54,7 @@ class Agent:
         self.history = HistoryWriter(self.store, config.history_size)
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
+        self.cgroup_events = None  # wakes us when a service's cgroup empties (a crash) or fills
         self._next_check = 0.0
         self.owned: dict[str, int] = {}  # service -> fencing token, as of the last view
         self.vacant_since: dict[str, float] = {}
@@ -96,6 +97,7 @@ class Agent:
                 return 0
             self.watcher = self.store.informer(self.wake.set)
             self.watcher.start()
+            self.cgroup_events = self.hands.cgroups.watch(self.wake.set)
             while not self.stopping.is_set():
                 try:
                     self.cycle()
@@ -198,6 +200,8 @@ class Agent:
         sd_notify("STOPPING=1")
         if self.watcher is not None:
             self.watcher.stop()
+        if self.cgroup_events is not None:
+            self.cgroup_events.stop()
         empty = self.hands.stop_all() or self.hands.fence_now()
         if empty:
             for service, token in self.owned.items():

@@ -20,10 +20,11 @@ import fcntl
 import os
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from etcdha.errors import ActuatorError, ConfigError
 
@@ -199,6 +200,46 @@ def enter(group: Path, pid: int = 0) -> None:
         f.write(str(pid or os.getpid()))
 
 
+class EventsWatcher(threading.Thread):
+    """Wakes the agent the moment a service's cgroup changes (cgroup.events: populated 0/1).
+
+    A crashed program empties its cgroup: the agent hears of it at once instead of
+    polling supervisord for every program twice a second.
+    """
+
+    def __init__(self, groups: list[Path], on_change: Callable[[], None]):
+        super().__init__(name="etcdha-cgroups", daemon=True)
+        self.groups = groups
+        self.on_change = on_change
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        poller = select.poll()
+        fds: dict[int, Path] = {}
+        try:
+            for group in self.groups:
+                try:
+                    fd = os.open(group / "cgroup.events", os.O_RDONLY)
+                except OSError:
+                    continue
+                os.read(fd, 256)  # arm: a notification comes after the first read
+                poller.register(fd, select.POLLPRI | select.POLLERR)
+                fds[fd] = group
+            while not self.stopping.is_set():
+                ready = poller.poll(500)
+                for fd, _ in ready:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.read(fd, 256)
+                if ready:
+                    self.on_change()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
 class NodeCgroups:
     """This node's cgroup subtree: one leaf per service, killed and checked as a unit."""
 
@@ -255,8 +296,31 @@ class NodeCgroups:
         self._lock_fd = fd
 
     def counts(self) -> dict[str, int]:
-        """service -> number of processes in its cgroup (0 for an empty or missing one)."""
-        return {name: len(pids(self.group(name))) if populated(self.group(name)) else 0 for name in self.names}
+        """service -> number of processes in its cgroup (0 for an empty or missing one).
+
+        Every cycle, for every service: one read for an empty cgroup, two for a running
+        one; the subtree is walked only if the service made cgroups of its own.
+        """
+        found = {}
+        for name in self.names:
+            group = self.group(name)
+            if not populated(group):
+                found[name] = 0
+                continue
+            try:
+                with open(group / "cgroup.procs") as f:
+                    found[name] = len(f.read().split())
+            except FileNotFoundError:
+                found[name] = 0
+            if found[name] == 0:  # populated, but not directly: nested cgroups of the service's own
+                found[name] = len(pids(group))
+        return found
+
+    def watch(self, on_change: Callable[[], None]) -> "EventsWatcher":
+        """Call `on_change` whenever any service's cgroup empties or fills (a program exits, a start lands)."""
+        watcher = EventsWatcher([self.group(name) for name in self.names], on_change)
+        watcher.start()
+        return watcher
 
     def leftovers(self) -> Mapping[str, int]:
         """Services (configured or not) whose cgroup still holds processes."""

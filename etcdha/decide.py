@@ -19,7 +19,9 @@ TRANSITIONAL = frozenset({"STARTING", "BACKOFF", "STOPPING"})
 # (BACKOFF is left out: supervisord respawns from it, so a process may be seen before its state)
 NO_PROCESS = frozenset({"STOPPED", "EXITED", "FATAL"})
 FAST_TICK = 0.2
-PROGRAM_POLL = 0.5  # how soon we look again at a program we run (a crash is restarted by us)
+# how soon we look again at a program we run, as a safety net: its cgroup emptying (a crash) wakes us
+# at once, and a daemonizing program (exits, its cgroup stays populated) is found by this poll
+PROGRAM_POLL = 2.0
 
 
 class Kind(enum.Enum):

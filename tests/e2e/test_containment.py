@@ -168,3 +168,21 @@ def test_stop_post_hands_over_when_agent_and_fence_died_together(make_cluster, s
     assert probe.first_answer_after(t0, exclude="n1") - t0 < 2.0
     time.sleep(0.5)
     assert sampler.violations == []
+
+
+def test_a_crashed_program_is_restarted_at_once_not_at_the_next_poll(make_cluster, sampler, probe):
+    """The cgroup emptying wakes the agent: a restart well before the 2 s safety-net poll."""
+    cluster = make_cluster()
+    settle(sampler, probe)
+    n1 = cluster.nodes["n1"]
+    wait_until(lambda: cluster.status()["services"]["web"]["state"] == "RUNNING", 10, "web to be RUNNING")
+    old = n1.service_pids()
+    t0 = time.monotonic()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: (lambda now: now and not set(now) & set(old))(n1.service_pids()), 3,
+               "a new web process on n1")
+    took = time.monotonic() - t0
+    assert took < 1.0, f"the restart began {took:.2f}s after the crash"
+    wait_until(lambda: probe.last() == "n1", 10, "the VIP to answer from n1 again")
+    assert sampler.violations == []

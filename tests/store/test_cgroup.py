@@ -109,3 +109,26 @@ def test_stop_raises_when_the_kill_does_not_empty_the_cgroup(cgroup_root, monkey
     monkeypatch.undo()
     assert node.empty_all(5.0)
     node.release()
+
+
+def test_events_watcher_wakes_when_a_service_cgroup_fills_and_empties(cgroup_root):
+    import threading
+
+    node = NodeCgroups(Placement(cgroup_root), ["web", "db"])
+    node.setup()
+    woke = threading.Event()
+    watcher = node.watch(woke.set)
+    try:
+        time.sleep(0.2)
+        woke.clear()
+        proc = start_in(node.group("db"), "exec sleep 300")
+        assert woke.wait(2), "no wake when the cgroup filled"
+        wait_count(node.group("db"), 1)
+        woke.clear()
+        proc.kill()
+        proc.wait(5)
+        assert woke.wait(2), "no wake when the cgroup emptied (a crash)"
+    finally:
+        watcher.stop()
+        watcher.join(5)
+        node.release()
