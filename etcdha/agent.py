@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from etcdha import decide, model
 from etcdha.actuator import Actuator, Local
-from etcdha.config import Config, Service, host_problems
+from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
 from etcdha.errors import ActuatorError, ConfigError, StoreError
 from etcdha.history import HistoryWriter
@@ -84,9 +84,12 @@ class Agent:
         log.info("agent %s starting: services %s, lease_ttl %ss, fence margin %ss, etcd %s%s",
                  c.node, ", ".join(c.services) or "(none)", c.lease_ttl, c.fence_margin,
                  ",".join(c.etcd.endpoints), c.etcd.prefix)
-        if len(c.etcd.endpoints) > 1 and c.lease_ttl < 3:
-            log.warning("lease_ttl %ss with a multi-member etcd: renewals stop for the ~1-1.5 s of an etcd leader "
-                        "election, so every owner will fence itself when the etcd leader changes; use >= 3", c.lease_ttl)
+        if len(c.etcd.endpoints) > 1 and not election_ride_through(c.lease_ttl, c.fence_margin, c.keepalive_interval,
+                                                                     c.etcd.election_timeout):
+            log.warning("lease_ttl %ss cannot ride through an etcd leader election (etcd.election_timeout %ss): "
+                        "renewals stop for about that long, so every owner will fence itself when the etcd leader "
+                        "changes; raise lease_ttl, or lower etcd's --election-timeout and set etcd.election_timeout "
+                        "(deploy/etcd-default.example)", c.lease_ttl, c.etcd.election_timeout)
         problems = host_problems(c)  # e.g. a missing program: refuse now, not at every node's claim in turn
         if problems:
             raise ConfigError("\n".join(problems))

@@ -62,6 +62,17 @@ class EtcdConfig:
     ca_cert: Optional[str] = None
     cert: Optional[str] = None
     key: Optional[str] = None
+    election_timeout: float = 1.0  # etcd's --election-timeout (s): for the ride-through check only
+
+
+def election_ride_through(lease_ttl: float, fence_margin: float, keepalive: float, election: float) -> bool:
+    """Can an owner renew across an etcd leader election without its fence firing?
+
+    Renewals stop for about the election timeout plus a few heartbeats and one
+    reconnect (~0.3 s); the last renewal may be one keepalive interval old when it
+    starts, and the fence fires fence_margin before the deadline.
+    """
+    return lease_ttl - fence_margin - keepalive > election + 0.3
 
 
 @dataclass(frozen=True)
@@ -350,7 +361,7 @@ def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
     data = r.mapping({} if data is None else data, "etcd")
     if data is None:
         return None
-    r.unknown_keys(data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key"}, "etcd.")
+    r.unknown_keys(data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key", "election_timeout"}, "etcd.")
     endpoints = data.get("endpoints", list(EtcdConfig.endpoints))
     if isinstance(endpoints, str):
         endpoints = [endpoints]
@@ -372,9 +383,11 @@ def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
         if v is not None:
             r.path(v, f"etcd.{k}", "a file path")
     timeout = r.number(data, "timeout", "etcd.", 1.0, 0.05, 60)
+    election = r.number(data, "election_timeout", "etcd.", 1.0, 0.01, 60)
     if len(r.errors) > before:
         return None
-    return EtcdConfig(endpoints=tuple(endpoints), prefix=prefix, timeout=float(timeout), **tls)
+    return EtcdConfig(endpoints=tuple(endpoints), prefix=prefix, timeout=float(timeout),
+                      election_timeout=float(election), **tls)
 
 
 def _run_dir(value: Any, r: _Reader) -> Optional[str]:

@@ -415,3 +415,18 @@ def test_errors_in_loaded_file_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         config.load(path)
     assert str(info.value).startswith(f"{path}: services.web.command: expected a command to run")
+
+
+@pytest.mark.parametrize("ttl, election, rides", [
+    (2, 1.0, False),   # etcd's defaults: measured, every owner fenced itself at a leader change
+    (3, 1.0, True),    # measured: 3 of 3 leader losses ridden through
+    (2, 0.5, True),    # --election-timeout 500: measured, no spurious fence at lease_ttl 2
+    (5, 2.5, True),    # keepalive 1.25, margin 0.6: 3.15 s of renewals may fail
+    (5, 3.0, False),
+])
+def test_election_ride_through(ttl, election, rides):
+    c = config.parse({"node": "n1", "lease_ttl": ttl, "etcd": {"election_timeout": election},
+                      "services": {"web": {"command": "/bin/true"}}}, SRC)
+    assert c.etcd.election_timeout == election
+    assert config.election_ride_through(c.lease_ttl, c.fence_margin, c.keepalive_interval,
+                                        c.etcd.election_timeout) is rides
