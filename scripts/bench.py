@@ -390,6 +390,7 @@ def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> d
     messages over `seconds` of idle (the status poller paused: it sends no request meanwhile)."""
     feed.send("pause")
     time.sleep(1.0)  # a poll in flight ends
+    settled = writes_settle(etcd, WRITE_SETTLE_LIMIT)
     procs = {}
     for name, node in cluster.nodes.items():
         procs[name] = {"agent": node.pid, "fence": node.fence_pid(), "supervisord": node.supervisord_pid()}
@@ -405,13 +406,24 @@ def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> d
                 by_method[method] = by_method.get(method, 0.0) + value
         return by_method
 
+    # every key written meanwhile, by kind (the watch's one request is made before the window opens)
+    watch = cluster.lab.popen("cl", ["etcdctl", "--endpoints", etcd.endpoint, "watch", "--prefix", cluster.prefix + "/",
+                                     "-w", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(1.0)
     m0, c0, b0 = received(L.etcd_metrics(etcd)), cpu(), {n: L.interface_bytes(cluster.lab, n) for n in cluster.nodes}
     t0 = time.monotonic()
     time.sleep(seconds)
     m1, c1, b1 = received(L.etcd_metrics(etcd)), cpu(), {n: L.interface_bytes(cluster.lab, n) for n in cluster.nodes}
     window = time.monotonic() - t0
+    watch.terminate()
+    try:
+        watched, _ = watch.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        watch.kill()
+        watched, _ = watch.communicate()
     feed.send("resume")
-    result = {"window": window, "rss": {}, "cpu": {}, "bytes": {}}
+    result = {"window": window, "rss": {}, "cpu": {}, "bytes": {}, "settled": settled,
+              "writes": written_keys(watched, cluster.prefix)}
     for (n, kind), before in c0.items():
         after = c1[(n, kind)]
         result["cpu"][(n, kind)] = None if before is None or after is None else 100 * (after - before) / window
@@ -423,6 +435,44 @@ def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> d
     result["methods"] = {m: r for m, r in sorted(methods.items(), key=lambda kv: -kv[1]) if r > 0}
     result["requests"] = sum(methods.values()) / len(cluster.nodes)
     return result
+
+
+WRITES = ("Put", "Txn", "DeleteRange", "LeaseGrant", "LeaseRevoke")
+WRITE_SETTLE_LIMIT = 60.0
+
+
+def writes_settle(etcd: L.Etcd, limit: float, quiet: float = 4.0) -> float:
+    """Wait (at most `limit` s) until etcd has received no write for `quiet` s; the seconds waited,
+    or -1 if writes were still coming after `limit` (history, status updates left over from a busy start)."""
+    def writes() -> float:
+        metrics = L.etcd_metrics(etcd)
+        return sum(v for k, v in metrics.items() if k.startswith("grpc_server_msg_received_total{")
+                   and any(f'grpc_method="{m}"' in k for m in WRITES))
+    start = time.monotonic()
+    last, since = writes(), time.monotonic()
+    while time.monotonic() - start < limit:
+        time.sleep(1.0)
+        now = writes()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return time.monotonic() - start
+    return -1.0
+
+
+def written_keys(watched: str, prefix: str) -> dict[str, int]:
+    """`etcdctl watch -w json` output -> {"put nodes": 3, "delete cooldowns": 7, ...} (by the key's first segment)."""
+    import base64
+
+    counts: dict[str, int] = {}
+    for line in watched.splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            for event in json.loads(line).get("Events") or []:
+                key = base64.b64decode(event["kv"]["key"]).decode(errors="replace")
+                kind = key[len(prefix) + 1:].split("/", 1)[0] if key.startswith(prefix + "/") else "?"
+                what = f"{'delete' if event.get('type') == 1 else 'put'} {kind}"
+                counts[what] = counts.get(what, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def scan_logs(cluster: L.Cluster, result: ScaleResult) -> None:
@@ -509,7 +559,7 @@ class ScaleRun:
                     result.poll_period = statistics.median(self.feed.periods)
                     result.poll_cost = statistics.median(self.feed.durations) if self.feed.durations else 0.0
                 if self.feed.errors:
-                    result.problems.append(f"{self.feed.errors} of {self.feed.polls} status polls failed "
+                    result.problems.append(f"(instrument) {self.feed.errors} of {self.feed.polls} status polls failed "
                                            f"(last: {self.feed.last_error[:200]})")
             scan_logs(self.cluster, result)
             self.cluster.stop()
@@ -529,6 +579,10 @@ class ScaleRun:
         if running.at is None:
             result.cold.note = f"after {self.timeout:g}s: {leftover(feed, self.names, None)}"
         self.out(f"cold start: {fmt_phase(result.cold)}")
+        programs = sorted((self.cluster.nodes["n1"].dir / "run" / "programs").glob("*.conf"))
+        if CODE_DIR and programs and str(CODE_DIR) not in programs[0].read_text(errors="replace"):
+            result.problems.append(f"(instrument) {programs[0]} does not name the copied code in {CODE_DIR}: "
+                                   "the agents may run the working tree as it changes")
         quiet = self.settle()
         services, _ = feed.view()
         for node in self.cluster.nodes:
@@ -652,6 +706,9 @@ def fmt_idle(idle: dict) -> str:
                                          for (n, k), v in idle["cpu"].items() if k == "agent"))
     parts.append("bytes/s " + "/".join(f"{v:.0f}" if v is not None else "-" for v in idle["bytes"].values()))
     parts.append(f"etcd requests/s per node (avg) {idle['requests']:.1f}")
+    parts.append("window opened " + (f"{idle['settled']:.0f}s after etcd writes stopped" if idle["settled"] >= 0
+                                     else f"with etcd writes still coming after {WRITE_SETTLE_LIMIT:g}s"))
+    parts.append("keys written in the window: " + (", ".join(f"{k} {v}" for k, v in idle["writes"].items()) or "none"))
     return "; ".join(parts)
 
 
@@ -668,16 +725,13 @@ def trial_cell(phases: list[Phase], key: str) -> str:
     return text
 
 
-def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, startsecs: Optional[int]) -> str:
-    head = subprocess.run(["git", "-C", str(L.REPO), "log", "-1", "--format=%h %ad", "--date=format:%Y-%m-%d %H:%M"],
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(L.REPO), "status", "--porcelain", "etcdha"], capture_output=True,
-                           text=True).stdout.strip()
+def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, startsecs: Optional[int],
+                code: str) -> str:
     etcd_version = "etcd " + subprocess.run(["etcd", "--version"], capture_output=True,
                                             text=True).stdout.split("\n")[0].rsplit(" ", 1)[-1]
     lines = [f"etcdha scale benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
              f"{os.cpu_count()} cores, 3 nodes, lease_ttl {ttl}s, {etcd_version} with default settings",
-             f"code: {head}" + (" plus uncommitted changes in etcdha/" if dirty else ""),
+             f"code: {code}",
              "programs: `sleep 1000000` through etcdha's launcher, every other one with a VIP on eth0 "
              f"(198.18.1-3.x/24), startsecs {1 if startsecs is None else startsecs}"
              + (" (so RUNNING comes >= 1 s after a start)" if startsecs in (None, 1) else ""),
@@ -743,6 +797,10 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
         if r.idle:
             top = ", ".join(f"{m} {v:.1f}" for m, v in list(r.idle["methods"].items())[:6])
             lines.append(f"N={r.n}: etcd messages/s by method, all nodes: {top}")
+            writes = ", ".join(f"{k} {v}" for k, v in r.idle["writes"].items()) or "none"
+            waited = (f"opened {r.idle['settled']:.0f}s after etcd's last write" if r.idle["settled"] >= 0
+                      else f"opened with etcd writes still coming after {WRITE_SETTLE_LIMIT:g}s")
+            lines.append(f"N={r.n}: idle window {waited}; keys written in it: {writes}")
     for r in results:
         if r.others:
             lines.append(f"N={r.n}: CPU shared with other etcdha labs running meanwhile ({', '.join(sorted(r.others))}):"
@@ -761,8 +819,52 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
     return "\n".join(lines)
 
 
+def snapshot_code() -> tuple[Path, str]:
+    """Copy etcdha/ as it is now and put the copy first on every child's PYTHONPATH.
+
+    The package is installed editable and may be edited while the benchmark runs; agents
+    restarted between trials would otherwise run other code than the ones started before.
+    Returns the copy's directory and a description of what was copied.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(L.REPO), *args], capture_output=True, text=True).stdout
+
+    head = git("log", "-1", "--format=%h %ad", "--date=format:%Y-%m-%d %H:%M").strip()
+    changed = [line[3:].removeprefix("etcdha/") for line in git("status", "--porcelain", "--", "etcdha").splitlines()]
+    dest = Path(tempfile.mkdtemp(prefix="etcdha-bench-code-"))
+    shutil.copytree(L.REPO / "etcdha", dest / "etcdha", ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha1()
+    for path in sorted((dest / "etcdha").rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), os.environ.get("PYTHONPATH")]))
+    os.chdir(dest)  # `python -m etcdha` puts its working directory first on sys.path: it must not be the checkout
+    text = f"{head}" + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
+    return dest, f"{text} (etcdha/*.py sha1 {digest.hexdigest()[:10]}, copied when the benchmark started)"
+
+
+CODE_DIR: Optional[Path] = None
+
+
 def scale_main(counts: list[int], trials: int, ttl: int, idle: float, phase_timeout: Optional[float],
                startsecs: Optional[int]) -> int:
+    global CODE_DIR
+    import shutil
+
+    cwd = os.getcwd()
+    CODE_DIR, code = snapshot_code()
+    try:
+        return scale_all(counts, trials, ttl, idle, phase_timeout, startsecs, code)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(CODE_DIR, ignore_errors=True)
+
+
+def scale_all(counts: list[int], trials: int, ttl: int, idle: float, phase_timeout: Optional[float],
+              startsecs: Optional[int], code: str) -> int:
     results = []
     for n in counts:
         timeout = phase_timeout or 60 + n / 2
@@ -771,7 +873,7 @@ def scale_main(counts: list[int], trials: int, ttl: int, idle: float, phase_time
         except Exception as exc:  # noqa: BLE001 - e.g. the lab could not be built: report it, go on
             results.append(ScaleResult(n=n, problems=[f"no run: {type(exc).__name__}: {exc}"]))
     print()
-    print(scale_table(results, trials, ttl, idle, startsecs))
+    print(scale_table(results, trials, ttl, idle, startsecs, code))
     return 1 if any(r.violations for r in results) else 0
 
 
