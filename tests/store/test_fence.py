@@ -1,7 +1,6 @@
 """A real supervisord under the real fence process, programs in real cgroups (root; no VIPs, no etcd)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from etcdha import cgroup
 from etcdha.cgroup import NodeCgroups, Placement
 from etcdha.config import Config, EtcdConfig, Service
 from etcdha.fence import FIRED_EXIT, FenceClient
-from etcdha.supervisord import Supervisor, launcher_command
+from etcdha.supervisord import Supervisor, launch_spec, launcher_command
 
 from .conftest import kill_pid, pid_alive, wait_for
 
@@ -200,18 +199,16 @@ def test_fence_is_spared_by_the_oom_killer_and_supervisord_is_not(stack):
 
 
 def test_launcher_refuses_to_start_under_another_parent(stack, tmp_path):
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"argv": ["sleep", "300"], "env": {}, "cgroup": str(stack.cgroups.group(SERVICE.name)),
-                                "parent": 1}))
+    spec = tmp_path / "web.sh"
+    spec.write_text(launch_spec(SERVICE, "n1", 1, stack.cgroups.group(SERVICE.name), 1))
     res = subprocess.run(launcher_command(spec), capture_output=True, text=True, timeout=10)
     assert res.returncode == 125 and "is gone; not starting" in res.stderr
     assert cgroup.pids(stack.cgroups.group(SERVICE.name)) == [stack.program_pid]
 
 
 def test_launcher_never_runs_a_program_outside_its_cgroup(tmp_path):
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"argv": ["sleep", "300"], "env": {}, "cgroup": str(tmp_path / "no-such-cgroup"),
-                                "parent": os.getpid()}))
+    spec = tmp_path / "web.sh"
+    spec.write_text(launch_spec(SERVICE, "n1", 1, tmp_path / "no-such-cgroup", os.getpid()))
     res = subprocess.run(launcher_command(spec), capture_output=True, text=True, timeout=10)
     assert res.returncode == 126 and "not starting uncontained" in res.stderr
 
