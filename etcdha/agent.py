@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from etcdha import decide, model
@@ -26,6 +27,10 @@ from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
 
 log = logging.getLogger(__name__)
+
+# claims in flight at once: a cold start or a takeover of hundreds of services waits for one etcd
+# round trip per CLAIM_WORKERS claims instead of one per claim
+CLAIM_WORKERS = 8
 
 
 def sd_notify(message: str) -> None:
@@ -68,6 +73,8 @@ class Agent:
         self.started = time.time()
         self._next_wait = 0.0
         self.claims_from = 0.0
+        self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
+        self.claimers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-claim")
         self.ready = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -142,6 +149,7 @@ class Agent:
                 self.hands.lease_granted(lease_id)  # an agent crash from now on is a handoff
                 self.published = {}
                 self.claims_from = self.clock() + self.config.startup_grace
+                self.view_floor = -1  # taken when the grace ends
                 log.info("joined as %s with lease %x; claiming from %gs on", self.config.node, lease_id,
                          self.config.startup_grace)
                 return True
@@ -221,6 +229,7 @@ class Agent:
         elif self.lease is not None:
             self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
         self.hands.shutdown()
+        self.claimers.shutdown(wait=True)
         self.history.close()
         self.store.close()
 
@@ -265,10 +274,17 @@ class Agent:
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
         starts = [a for a in plan.actions if a.kind is Kind.START]
-        for action in plan.actions:  # starts last, as one batch (different services: order does not matter)
-            if action.kind is not Kind.START and not self.execute(action):
-                starts = []
+        claims = [a for a in plan.actions if a.kind is Kind.CLAIM]
+        # claims after the rest, several at a time (each its own one-key transaction), then the starts as
+        # one batch: they concern different services, so the order between them does not matter
+        for action in plan.actions:
+            if action.kind not in (Kind.START, Kind.CLAIM) and not self.execute(action):
+                starts = claims = []
                 break  # we fenced ourselves: the rest of the plan is void
+        if len(claims) > 1:
+            list(self.claimers.map(self.execute, claims))
+        elif claims:
+            self.execute(claims[0])
         if starts:
             self.start_all(starts)
         if view is not None:
@@ -299,23 +315,25 @@ class Agent:
         nothing else goes to etcd, so an idle agent's cost does not grow with services.
         """
         now = self.clock()
-        if now >= self._next_check:
+        first_claims = self.view_floor < 0 and now >= self.claims_from
+        if now >= self._next_check or first_claims:
             try:
                 self.store.revision()
                 self.watcher.request_progress()
+                if first_claims:
+                    # our first claims see every peer that registered while we waited, even when the watch
+                    # lags behind a burst of registrations: else the first agent up would take everything
+                    self.view_floor = self.store.last_watched_change()
                 self._next_check = now + self.config.reconcile_interval
             except StoreError as exc:
                 self._next_check = now + min(decide.FAST_TICK, self.config.reconcile_interval)
                 return self.etcd_unreachable(str(exc))
+        floor = max(self.store.last_change, self.view_floor)
         stale_after = 2 * self.config.reconcile_interval + self.config.etcd.timeout + 1
+        # never plan on a view older than our own last claim or release (nor, at first, our join)
+        if self.watcher.synced.is_set() and self.watcher.connected.is_set() and not self.watcher.caught_up(floor, 2.0):
+            return self.etcd_unreachable(f"the watch is behind revision {floor}")
         view = self.watcher.view(stale_after)
-        for _ in range(50):  # never plan on a view older than our own last claim or release (bounded: 1 s)
-            if view is None or view.revision >= self.store.last_change:
-                break
-            time.sleep(0.02)
-            view = self.watcher.view(stale_after)
-        else:
-            return self.etcd_unreachable(f"the watch is behind our own last change ({self.store.last_change})")
         if view is None:
             if self.watcher.synced.is_set() and self.watcher.connected.is_set():
                 self.watcher.restart()  # it stopped answering (a member cut off from its leader?)

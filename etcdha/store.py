@@ -97,6 +97,7 @@ class Store:
         self.prefix = etcd.prefix
         self.timeout = etcd.timeout
         self.last_change = 0  # revision of our last claim or release: an agent plans on no older view
+        self._change_lock = threading.Lock()  # claims run on several threads at once
         self._targets = [parse_endpoint(ep, "etcd endpoint") for ep in etcd.endpoints]
         self._creds = self._credentials(etcd)
         self._lock = threading.Lock()
@@ -179,10 +180,26 @@ class Store:
         resp = self._txn([], ops)
         return resp.header.revision, [kv for r in resp.responses for kv in self._kvs(r.response_range.kvs)]
 
+    @_translate
+    def last_watched_change(self) -> int:
+        """The newest mod_revision among the watched keys (linearizable): what a watch must have applied to be current.
+
+        Not the store's revision: history writes are not watched, so a watch may never reach that.
+        """
+        ops = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+            key=a, range_end=b, limit=1, keys_only=True, sort_order=etcdrpc.RangeRequest.DESCEND,
+            sort_target=etcdrpc.RangeRequest.MOD)) for a, b in self._ranges()]
+        resp = self._txn([], ops)
+        return max((kv.mod_revision for r in resp.responses for kv in r.response_range.kvs), default=0)
+
     def snapshot(self) -> model.ClusterView:
         """The whole cluster state (history excluded) at one revision, read atomically."""
         revision, kvs = self.listing()
         return model.build_view(self.prefix, revision, kvs)
+
+    def _note_change(self, revision: int) -> None:
+        with self._change_lock:
+            self.last_change = max(self.last_change, revision)
 
     @_translate
     def revision(self) -> int:
@@ -309,7 +326,7 @@ class Store:
             ops.append(self._delete(model.move_key(self.prefix, service)))
         resp = self._txn(cmp, ops)
         if resp.succeeded:
-            self.last_change = max(self.last_change, resp.header.revision)
+            self._note_change(resp.header.revision)
         return resp.header.revision if resp.succeeded else None
 
     @_translate
@@ -372,7 +389,7 @@ class Store:
                               result=etcdrpc.Compare.EQUAL, lease=lease)
         resp = self._txn([cmp], [self._delete(key)])
         if resp.succeeded:
-            self.last_change = max(self.last_change, resp.header.revision)
+            self._note_change(resp.header.revision)
         return resp.succeeded
 
     @_translate
@@ -537,7 +554,8 @@ class Informer(Watcher):
         super().__init__(store, wake)
         self._kvs: dict[str, model.KV] = {}
         self._view: Optional[model.ClusterView] = None
-        self._lock = threading.Lock()
+        self._changes = 0  # bumped with every change to _kvs: a view built from an older copy is not kept
+        self._lock = threading.Condition()
         self.synced = threading.Event()  # set once a listing is loaded
         self.lists = 0
 
@@ -547,6 +565,8 @@ class Informer(Watcher):
             self._kvs = {kv.key: kv for kv in kvs}
             self.revision = revision
             self._view = None
+            self._changes += 1
+            self._lock.notify_all()
         self.lists += 1
         self.synced.set()
 
@@ -564,6 +584,13 @@ class Informer(Watcher):
             # with the keys, under the same lock: a view never claims a revision older than its content
             self.revision = max(self.revision, max(ev.kv.mod_revision for ev in events))
             self._view = None
+            self._changes += 1
+            self._lock.notify_all()
+
+    def caught_up(self, revision: int, timeout: float) -> bool:
+        """Wait until the events up to `revision` are applied (or `timeout` s); True if they are."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.revision >= revision, timeout)
 
     def view(self, stale_after: float) -> Optional[model.ClusterView]:
         """The cluster as of the last event, or None if the stream has not answered for `stale_after` s."""
@@ -572,6 +599,12 @@ class Informer(Watcher):
         if time.monotonic() - self.last_heard > stale_after:
             return None
         with self._lock:
-            if self._view is None:  # rebuilt only after a change: an idle cycle costs nothing here
-                self._view = model.build_view(self.store.prefix, self.revision, list(self._kvs.values()))
-            return self._view
+            if self._view is not None:  # rebuilt only after a change: an idle cycle costs nothing here
+                return self._view
+            revision, kvs, changes = self.revision, list(self._kvs.values()), self._changes
+        # built outside the lock: events keep being applied meanwhile instead of queueing behind us
+        view = model.build_view(self.store.prefix, revision, kvs)
+        with self._lock:
+            if self._changes == changes:
+                self._view = view
+        return view
