@@ -30,9 +30,10 @@ from typing import Callable, Optional
 
 import lab as L
 
-# how each fault is injected on the owner: a signal to its agent, kill -9 of one of its helpers, or a move
+# how each fault is injected on the owner: a signal to its agent, kill -9 of one of its helpers, or a move;
+# "colocated-crash" runs in a lab of its own (colocated_crash): etcd on the nodes, owner + etcd leader crashed
 SCENARIOS = {"kill-9": signal.SIGKILL, "node-crash": "node", "sigterm": signal.SIGTERM, "fence-kill-9": "fence",
-             "supervisord-kill-9": "supervisord", "move": None}
+             "supervisord-kill-9": "supervisord", "move": None, "colocated-crash": "colocated"}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -83,6 +84,101 @@ def trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, sig, ttl: floa
     L.wait_until(lambda: cluster.status()["nodes"].get(owner, {}).get("alive"), 30, f"{owner} to rejoin")
     time.sleep(cluster.nodes[owner].config().get("startup_grace", ttl) + 0.5)
     return first - t0, gap
+
+
+@dataclass
+class ColocatedResult:
+    takeover: list[float] = field(default_factory=list)
+    gap: list[float] = field(default_factory=list)
+    fenced: list[str] = field(default_factory=list)    # "trial N: NODE: first log line", one per surviving node that fenced
+    samples: int = 0
+    load: list[float] = field(default_factory=list)   # 1-minute load average at each trial's start
+    violations: list[str] = field(default_factory=list)
+    workdir: str = ""
+
+
+@dataclass(frozen=True)
+class ColocatedTiming:
+    """etcd's heartbeat and election timeout (ms) and the agents' keepalive_interval (s) for colocated-crash."""
+
+    heartbeat: int = int(L.COLOCATED_ETCD_FLAGS[1])
+    election: int = int(L.COLOCATED_ETCD_FLAGS[3])
+    keepalive: float = L.COLOCATED_KEEPALIVE
+
+    @classmethod
+    def parse(cls, text: str) -> "ColocatedTiming":
+        """'HEARTBEAT_MS/ELECTION_MS[/KEEPALIVE_S]', e.g. 50/500/0.5."""
+        parts = text.split("/")
+        if len(parts) not in (2, 3):
+            raise ValueError(text)
+        return cls(int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else cls.keepalive)
+
+    def flags(self) -> tuple[str, ...]:
+        return ("--heartbeat-interval", str(self.heartbeat), "--election-timeout", str(self.election))
+
+    def __str__(self) -> str:
+        return (f"{' '.join(self.flags())}; agents: etcd.election_timeout {self.election / 1000:g}, "
+                f"keepalive_interval {self.keepalive:g}")
+
+
+def colocated_crash(trials: int, ttl: float, timing: ColocatedTiming = ColocatedTiming()) -> ColocatedResult:
+    """etcd on the nodes themselves (deploy/etcd-colocated.example): each trial makes the owner the etcd
+    leader too (`etcdctl move-leader`), crashes that whole node (agent, fence, supervisord, service and
+    its etcd member, by PID), measures the fault -> first answer on the VIP from another node, and
+    records any surviving node whose fence fired or whose lease was lost. Between trials the node's
+    etcd member and agent are restarted, so every trial starts from three nodes and three members."""
+    result = ColocatedResult()
+    with L.Lab(colocated=True, name="bc") as lab:
+        result.workdir = str(lab.workdir)
+        members: list[L.Etcd] = []
+        cluster: Optional[L.Cluster] = None
+        probe: Optional[L.Probe] = None
+        try:
+            members = L.start_colocated_etcd(lab, timing.flags())
+            by_node = {m.role: m for m in members}
+            prefix = "/bench-colocated"
+            cluster = L.Cluster(lab, members[0], prefix, {"lease_ttl": ttl},
+                                L.colocated_settings(lab, prefix, timing.election / 1000, timing.keepalive))
+            with L.Sampler(lab, interval=0.05) as sampler:
+                cluster.start()
+                probe = L.Probe(lab, duration=7200)
+                for i in range(trials):
+                    owner = L.wait_until(sampler.holder, 30, "an owner")
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        result.load.append(float(Path("/proc/loadavg").read_text().split()[0]))
+                    marks = L.log_sizes(cluster)  # from before the leader move: it is an election too
+                    L.move_etcd_leader(members, by_node[owner])
+                    time.sleep(1.0)
+                    L.wait_until(lambda: probe.last() == owner, 10, f"the VIP to answer from {owner}")
+                    t0 = time.monotonic()
+                    L.crash_node(cluster.nodes[owner])
+                    first = L.wait_until(lambda: probe.first_answer_after(t0, exclude=owner), ttl + 15, "takeover")
+                    time.sleep(ttl + 1)  # a survivor that could not renew through the election has fenced by now
+                    result.takeover.append(first - t0)
+                    result.gap.append(probe.longest_gap(t0, first))
+                    # the node comes back: its etcd member (same data dir), then its agent
+                    node = cluster.nodes[owner]
+                    node.stop()
+                    L.restart_member(by_node[owner])
+                    node.start()
+                    L.wait_until(lambda: cluster.status()["nodes"].get(owner, {}).get("alive"), 30,
+                                 f"{owner} to rejoin")
+                    time.sleep(node.config().get("startup_grace", ttl) + 0.5)
+                    fenced = L.fenced_since(cluster, marks, exclude=[owner])
+                    result.fenced += [f"trial {i + 1}: {n}: {lines[0].strip()[:240]}" for n, lines in fenced.items()]
+                    print(f"colocated-crash trial {i + 1}/{trials}: {owner} (owner + etcd leader) crashed, takeover "
+                          f"{first - t0:.3f}s, gap {result.gap[-1]:.3f}s, surviving nodes fenced: "
+                          f"{', '.join(fenced) or 'none'}", flush=True)
+            result.samples = sampler.samples
+            result.violations = list(sampler.violations)
+        finally:
+            if probe:
+                probe.stop()
+            if cluster:
+                cluster.stop()
+            for member in members:
+                member.stop()
+    return result
 
 
 # ---- scale mode: `--services N[,N...]` ---------------------------------------------------------
@@ -885,6 +981,10 @@ def main() -> int:
     parser.add_argument("--services", metavar="N[,N...]",
                         help="scale mode: for each N (e.g. 10,100,500), a fresh cluster with N services; prints cold "
                              "start, agent kill -9, node crash, drain and idle cost (the scenarios above are not run)")
+    parser.add_argument("--colocated-timing", metavar="HB/EL[/KA]",
+                        default=f"{ColocatedTiming.heartbeat}/{ColocatedTiming.election}/{ColocatedTiming.keepalive:g}",
+                        help="colocated-crash: etcd --heartbeat-interval and --election-timeout in ms and the agents' "
+                             "keepalive_interval in s (default %(default)s, deploy/etcd-colocated.example)")
     parser.add_argument("--idle", type=float, default=25.0, help="scale mode: idle window in seconds (default 25)")
     parser.add_argument("--phase-timeout", type=float, default=None,
                         help="scale mode: seconds each phase may take before it is reported as not done "
@@ -908,10 +1008,54 @@ def main() -> int:
     for s in scenarios:
         if s not in SCENARIOS:
             parser.error(f"--scenarios: unknown scenario {s!r}; expected some of {', '.join(SCENARIOS)}")
+    try:
+        timing = ColocatedTiming.parse(args.colocated_timing)
+    except ValueError:
+        parser.error(f"--colocated-timing: expected HEARTBEAT_MS/ELECTION_MS[/KEEPALIVE_S], got {args.colocated_timing!r}")
+    colocated = [s for s in scenarios if SCENARIOS[s] == "colocated"]
+    scenarios = [s for s in scenarios if s not in colocated]
     results: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in scenarios}
+    violations: list[str] = []
+    if scenarios:
+        violations = shared_lab(scenarios, args.trials, args.ttl, results)
+    colo = colocated_crash(args.trials, args.ttl, timing) if colocated else None
+    if scenarios:
+        print(f"\netcdha failover benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+              f"{platform.machine()}, {L.os.cpu_count()} cores, lease_ttl {args.ttl}s, etcd default settings")
+        print("seconds from fault (or from launching `etcdha move`, Python start-up included) to the first answer\n"
+              "on the VIP from another node (takeover), and the longest window without any answer (gap):")
+        for name in scenarios:
+            print(summary(f"{name} takeover", results[name][0]))
+            print(summary(f"{name} gap", results[name][1]))
+        print(f"invariant samples with two copies: {len(violations)}")
+        for v in violations:
+            print("  ", v)
+    if colo is not None:
+        print(f"\netcdha colocated-etcd benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+              f"{platform.machine()}, {L.os.cpu_count()} cores, lease_ttl {args.ttl}s, one etcd member per node "
+              f"({timing})" + (f", load average {min(colo.load):.1f}-{max(colo.load):.1f}" if colo.load else ""))
+        print("crash of the node that is both the owner and the etcd leader (every process in it, its etcd member\n"
+              "included); seconds from the crash to the first answer on the VIP from another node:")
+        print(summary("colocated-crash takeover", colo.takeover))
+        print(summary("colocated-crash gap", colo.gap))
+        print(f"surviving nodes that fenced themselves or lost their lease: {len(colo.fenced)} "
+              f"(in {len({f.split(':')[0] for f in colo.fenced})} of {len(colo.takeover)} trials)")
+        for line in colo.fenced:
+            print("  ", line)
+        print(f"invariant samples with two copies: {len(colo.violations)} of {colo.samples}")
+        for v in colo.violations:
+            print("  ", v)
+        print(f"logs: {colo.workdir}")
+    return 1 if violations or (colo and (colo.violations or colo.fenced)) else 0
+
+
+def shared_lab(scenarios: list[str], trials: int, ttl: int,
+               results: dict[str, tuple[list[float], list[float]]]) -> list[str]:
+    """Every scenario but colocated-crash, one after the other on one cluster with a separate etcd;
+    fills `results`, returns the two-copy samples."""
     with L.Lab() as lab:
         etcd = L.Etcd(lab)
-        cluster = L.Cluster(lab, etcd, "/bench", {"lease_ttl": args.ttl})
+        cluster = L.Cluster(lab, etcd, "/bench", {"lease_ttl": ttl})
         probe = None
         try:
             etcd.start()
@@ -919,28 +1063,17 @@ def main() -> int:
                 cluster.start()
                 probe = L.Probe(lab, duration=7200)
                 for name in scenarios:
-                    for i in range(args.trials):
-                        took, gap = trial(cluster, sampler, probe, SCENARIOS[name], args.ttl)
+                    for i in range(trials):
+                        took, gap = trial(cluster, sampler, probe, SCENARIOS[name], ttl)
                         results[name][0].append(took)
                         results[name][1].append(gap)
-                        print(f"{name} trial {i + 1}/{args.trials}: takeover {took:.3f}s, gap {gap:.3f}s", flush=True)
-                violations = list(sampler.violations)
+                        print(f"{name} trial {i + 1}/{trials}: takeover {took:.3f}s, gap {gap:.3f}s", flush=True)
+                return list(sampler.violations)
         finally:
             if probe:
                 probe.stop()
             cluster.stop()
             etcd.stop()
-    print(f"\netcdha failover benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
-          f"{platform.machine()}, {L.os.cpu_count()} cores, lease_ttl {args.ttl}s, etcd default settings")
-    print("seconds from fault (or from launching `etcdha move`, Python start-up included) to the first answer\n"
-          "on the VIP from another node (takeover), and the longest window without any answer (gap):")
-    for name in scenarios:
-        print(summary(f"{name} takeover", results[name][0]))
-        print(summary(f"{name} gap", results[name][1]))
-    print(f"invariant samples with two copies: {len(violations)}")
-    for v in violations:
-        print("  ", v)
-    return 1 if violations else 0
 
 
 if __name__ == "__main__":

@@ -962,15 +962,16 @@ def start_colocated_etcd(lab: Lab, flags: Sequence[str] = COLOCATED_ETCD_FLAGS, 
     return members
 
 
-def colocated_settings(lab: Lab, prefix: str, election_timeout: float = COLOCATED_ELECTION_TIMEOUT) -> dict[str, dict]:
+def colocated_settings(lab: Lab, prefix: str, election_timeout: float = COLOCATED_ELECTION_TIMEOUT,
+                       keepalive: float = COLOCATED_KEEPALIVE) -> dict[str, dict]:
     """Cluster's per_node settings for a colocated lab: each agent lists its own node's member first
     (an agent then loses its etcd endpoint only with its own node), knows etcd's election timeout
-    and renews every COLOCATED_KEEPALIVE s."""
+    and renews every `keepalive` s."""
     def endpoints(node: str) -> list[str]:
         order = [node] + [n for n in lab.node_names if n != node]
         return [f"http://{lab.etcd_ip(n)}:2379" for n in order]
     return {n: {"etcd": {"endpoints": endpoints(n), "prefix": prefix, "election_timeout": election_timeout},
-                "keepalive_interval": COLOCATED_KEEPALIVE}
+                "keepalive_interval": keepalive}
             for n in lab.node_names}
 
 
