@@ -75,6 +75,7 @@ class Actuator:
     def start_runtime(self) -> None:
         """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""
         self.supervisor.prepare()
+        self.supervisor.listen(self.wake)  # before supervisord starts: no state event is missed
         self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
                                  self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access())
         self.supervisord_pid = self.fence.start()
@@ -140,9 +141,20 @@ class Actuator:
     # ---- facts -----------------------------------------------------------------------------------
 
     def observe(self) -> Local:
-        """Program states, then cgroup counts (in this order: see decide's daemonized rule), then VIPs."""
+        """Program states, then cgroup counts (in this order: see decide's daemonized rule), then VIPs.
+
+        A program still RUNNING by the events beside an empty cgroup has just died (its
+        cgroup told us first): supervisord is asked directly, so the restart need not
+        wait for the event to come through its loop. Only those programs take the new
+        state: for the others the order above must hold.
+        """
         programs = self.supervisor.states()
-        return Local(programs, self.cgroups.counts(), self.vips_up())
+        counts = self.cgroups.counts()
+        died = [s for s in self.config.services if programs.get(s) == "RUNNING" and counts.get(s) == 0]
+        if died:
+            fresh = self.supervisor.states(fresh=True)
+            programs = {**programs, **{s: fresh[s] for s in died if s in fresh}}
+        return Local(programs, counts, self.vips_up())
 
     def vips_up(self) -> frozenset[str]:
         up = set()
@@ -272,6 +284,7 @@ class Actuator:
         """Stop the fence (it stops supervisord and checks the subtree), then give the cgroups back."""
         if self.fence is not None:
             self.fence.quit()
+        self.supervisor.close()
         self.cgroups.release()
         try:
             self.handoff_file.unlink()  # a graceful stop revoked the lease itself

@@ -8,7 +8,9 @@ written once when supervisord starts, so a start is "write the script, startProc
 supervisord's ini parser (no `%` expansion, no inline `;` comments, no injected
 sections). The launcher puts the program in its service's cgroup before exec.
 Starts go in multicalls of at most START_CHUNK, so one slow batch never looks
-like a dead supervisord.
+like a dead supervisord. Program states come from supervisord's event stream
+(`listener.py` -> `StateFeed`): a cycle costs nothing per service, and the full
+getAllProcessInfo is only asked for after a gap, at start, and every RESYNC seconds.
 
 Programs are generated with autostart=false and autorestart=false: a restarted
 supervisord never starts a copy on its own, and restarting a crashed program is
@@ -23,10 +25,11 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 import xmlrpc.client
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 from etcdha import launch
 from etcdha.config import Config, Service
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 BAD_NAME, NO_FILE, NOT_EXECUTABLE, FAILED = 10, 20, 21, 30
 ABNORMAL_TERMINATION, SPAWN_ERROR, ALREADY_STARTED, NOT_RUNNING = 40, 50, 60, 70
 SUCCESS_FAULTS = {ALREADY_STARTED, NOT_RUNNING}
+LISTENER = Path(__file__).with_name("listener.py")
+LISTENER_NAME = "_etcdha_events"  # never a service name (those start with a letter or digit)
+RESYNC = 30.0  # seconds between full reads of every program's state, as a safety net under the events
 # startProcess calls per multicall: supervisord forks them one after another (about 40 a second on
 # a busy 2-core machine), so a chunk answers well within the call timeout
 START_CHUNK = 16
@@ -104,6 +110,92 @@ def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: i
     return launch.script(service.command, env, service.directory, cgroup, parent, launch.pdeathsig_tool())
 
 
+class StateFeed(threading.Thread):
+    """Every program's supervisord state, kept from the event listener's datagrams.
+
+    `current()` is None until a full read was loaded, after a gap in the pool serial
+    (a dropped datagram, supervisord restarted) and RESYNC seconds after the last
+    full read; the caller then loads one with `load`, trusted only if no event came
+    in while it was made. After a start or stop the caller `note`s what it knows at
+    once: the event saying so may come a moment later, and a stale STOPPED beside a
+    full cgroup would look like a program that daemonized.
+    """
+
+    def __init__(self, path: Path, wake: Callable[[], None]):
+        super().__init__(name="etcdha-states", daemon=True)
+        self.path = path
+        self.wake = wake
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._states: dict[str, str] = {}
+        self._last_event: dict[str, int] = {}  # program -> value of `events` when its last event came
+        self._serial: Optional[int] = None  # pool serial of the last datagram (None: any is next)
+        self._synced_at: Optional[float] = None  # monotonic time of the last full read loaded
+        self.events = 0  # datagrams received
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.settimeout(0.5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                try:
+                    data = self.sock.recv(4096)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                self._apply(data)
+                self.wake()
+        finally:
+            self.sock.close()
+
+    def _apply(self, data: bytes) -> None:
+        try:
+            serial_text, state, name = data.decode(errors="replace").split(" ", 2)
+            serial = int(serial_text)
+        except ValueError:
+            serial, state, name = -1, "", ""
+        with self._lock:
+            self.events += 1
+            if (self._serial is not None and serial != self._serial + 1) or not name:
+                self._synced_at = None  # something was missed (or supervisord restarted): read everything
+            self._serial = serial
+            if name:
+                self._states[name] = state
+                self._last_event[name] = self.events
+
+    def current(self, now: float) -> Optional[dict[str, str]]:
+        """A copy of the states if they can be trusted now, else None."""
+        with self._lock:
+            if self._synced_at is None or now - self._synced_at > RESYNC:
+                return None
+            return dict(self._states)
+
+    def load(self, states: Mapping[str, str], events_before: int, now: float) -> None:
+        """Take a full read, made after `events_before` events had come in."""
+        with self._lock:
+            self._states = dict(states)
+            self._synced_at = now if self.events == events_before else None
+
+    def note(self, name: str, state: str, events_before: int) -> None:
+        """What a call just told us about `name`, unless an event about it came in since `events_before`."""
+        with self._lock:
+            if self._last_event.get(name, 0) <= events_before:
+                self._states[name] = state
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._synced_at = None
+            self._serial = None
+
+
 class Supervisor:
     """Drives one supervisord instance that lives under `run_dir`."""
 
@@ -114,7 +206,9 @@ class Supervisor:
         self.socket = self.dir / "supervisor.sock"
         self.programs = self.dir / "programs"
         self.logs = self.dir / "logs"
+        self.events_socket = self.dir / "events.sock"
         self.timeout = timeout
+        self.feed: Optional[StateFeed] = None
 
     def command(self) -> list[str]:
         """How to run supervisord in the foreground (the fence starts it)."""
@@ -144,6 +238,16 @@ class Supervisor:
             f"childlogdir={_quote_value(str(self.logs))}",
             "[rpcinterface:supervisor]",
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            f"[eventlistener:{LISTENER_NAME}]",
+            f"command={_quote_value(shlex.join([sys.executable, '-I', '-S', str(LISTENER), str(self.events_socket)]))}",
+            "events=PROCESS_STATE",
+            f"buffer_size={max(100, 4 * len(self.config.services))}",  # a takeover is 2-3 events per service
+            "autostart=true",
+            "autorestart=true",
+            "startsecs=0",
+            "priority=1000",  # stopped first when supervisord exits: else its exit waits a second per program
+            f"stderr_logfile={_quote_value(str(self.logs / 'listener.log'))}",
+            "stderr_logfile_maxbytes=1MB",
             "",
             *(program_section(service, self.spec_path(service.name), self.logs)
               for service in self.config.services.values()),
@@ -179,9 +283,33 @@ class Supervisor:
                 raise ActuatorError(f"supervisord did not come up on {self.socket} within {timeout:g}s")
             time.sleep(0.05)
 
-    def states(self) -> dict[str, str]:
-        """service -> supervisord state name, for the programs supervisord knows."""
-        return {name: p["statename"] for name, p in self.processes().items()}
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Receive supervisord's state events from now on (before supervisord starts: none is missed)."""
+        if self.feed is None:
+            self.feed = StateFeed(self.events_socket, wake)
+            self.feed.start()
+        self.feed.invalidate()  # a new supervisord: its pool serials start again
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+
+    def states(self, fresh: bool = False) -> dict[str, str]:
+        """service -> supervisord state name, for the programs supervisord knows.
+
+        From the event feed when it is current (unless `fresh`); otherwise one
+        getAllProcessInfo, loaded into the feed.
+        """
+        feed, now = self.feed, time.monotonic()
+        if feed is not None and not fresh:
+            known = feed.current(now)
+            if known is not None:
+                return known
+            events_before = feed.events
+        states = {name: p["statename"] for name, p in self.processes().items()}
+        if feed is not None and not fresh:
+            feed.load(states, events_before, now)
+        return states
 
     def processes(self) -> Mapping[str, Mapping]:
         """service -> supervisord's process info (statename, pid), one call for all."""
@@ -212,6 +340,7 @@ class Supervisor:
         failed: dict[str, ActuatorError] = {}
         for first in range(0, len(items), START_CHUNK):
             chunk = [service.name for service, _, _ in items[first:first + START_CHUNK]]
+            events_before = self.feed.events if self.feed else 0
             try:
                 results = self._multicall([{"methodName": "supervisor.startProcess", "params": [name, False]}
                                            for name in chunk])
@@ -226,6 +355,8 @@ class Supervisor:
             for name, result in zip(chunk, results):
                 if isinstance(result, dict) and "faultCode" in result and result["faultCode"] not in SUCCESS_FAULTS:
                     failed[name] = ActuatorError(f"supervisord startProcess({name!r}): {result.get('faultString')}")
+                elif self.feed is not None:
+                    self.feed.note(name, "STARTING", events_before)  # spawned: at least STARTING by now
         return failed
 
     def _multicall(self, calls: list[dict]) -> list:
@@ -242,6 +373,7 @@ class Supervisor:
 
         We poll instead of stopProcess(wait=True), which only returns on supervisord's 1 s tick.
         """
+        events_before = self.feed.events if self.feed else 0
         try:
             self._call("stopProcess", service.name, False)
         except ActuatorError as exc:
@@ -249,10 +381,12 @@ class Supervisor:
                 return
             raise
         deadline = time.monotonic() + service.stopwaitsecs + self.timeout
-        while self._call("getProcessInfo", service.name)["statename"] in ("STOPPING", "RUNNING", "STARTING"):
+        while (state := self._call("getProcessInfo", service.name)["statename"]) in ("STOPPING", "RUNNING", "STARTING"):
             if time.monotonic() > deadline:
                 raise ActuatorError(f"{service.name} did not stop within {service.stopwaitsecs}s + SIGKILL")
             time.sleep(0.02)
+        if self.feed is not None:
+            self.feed.note(service.name, state, events_before)
 
     def stop_all(self) -> None:
         """Stop every program; all get SIGTERM at once, then we wait for each."""

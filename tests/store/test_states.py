@@ -1,0 +1,129 @@
+"""Program states from supervisord's event stream (listener.py -> StateFeed), with a real supervisord.
+
+A cycle must learn of starts, crashes and stops without asking supervisord about
+every program; a gap in the events must make it ask once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from etcdha.cgroup import NodeCgroups, Placement
+from etcdha.config import Config, EtcdConfig, Service
+from etcdha.fence import FenceClient
+from etcdha.supervisord import LISTENER_NAME, Supervisor
+
+from .conftest import kill_pid, wait_for
+
+pytestmark = pytest.mark.store
+
+SERVICES = {name: Service(name=name, command=("sleep", "300"), startsecs=0, startretries=0, stopwaitsecs=2)
+            for name in ("a", "b", "c", "d", "e", "f", "g", "h")}
+
+
+class Counting(Supervisor):
+    """The real driver; counts the full reads (getAllProcessInfo)."""
+
+    full_reads = 0
+
+    def processes(self):
+        self.full_reads += 1
+        return super().processes()
+
+
+@pytest.fixture
+def sup(request, cgroup_root):
+    run_dir = Path(tempfile.mkdtemp(prefix="ehs-", dir="/tmp"))
+    config = Config(node="n1", etcd=EtcdConfig(), services=SERVICES, run_dir=run_dir)
+    cgroups = NodeCgroups(Placement(cgroup_root), list(SERVICES))
+    cgroups.setup()
+    supervisor = Counting(config)
+    supervisor.prepare()
+    woken = threading.Event()
+    supervisor.listen(woken.set)
+    fence = FenceClient(0.3, [], cgroups.services_dir, supervisor.command())
+
+    def cleanup() -> None:
+        supervisor.close()
+        fence.quit()
+        if fence.proc is not None and fence.proc.poll() is None:
+            fence.proc.kill()
+        cgroups.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    request.addfinalizer(cleanup)
+    supervisor.pid = fence.start()
+    supervisor.cgroups = cgroups
+    supervisor.woken = woken
+    supervisor.fence_client = fence
+    supervisor.wait_ready(timeout=10)
+    # the first full read is trusted once the listener's own start has been told
+    wait_for(lambda: supervisor.states() is not None and supervisor.feed.current(_now()) is not None, 5,
+             interval=0.05, what="the event feed to be current")
+    return supervisor
+
+
+def _now() -> float:
+    import time
+    return time.monotonic()
+
+
+def _start(sup: Counting, name: str) -> None:
+    sup.start(SERVICES[name], 7, sup.cgroups.group(name), sup.pid)
+
+
+def test_starts_crashes_and_stops_are_known_without_reading_every_program(sup):
+    reads = sup.full_reads
+    _start(sup, "a")
+    assert sup.states()["a"] in ("STARTING", "RUNNING")  # at once, before any event
+    wait_for(lambda: sup.states()["a"] == "RUNNING", 5, interval=0.02, what="a RUNNING from its event")
+    pid = sup.processes()["a"]["pid"]
+    reads = sup.full_reads
+    sup.woken.clear()
+    kill_pid(pid)
+    wait_for(sup.woken.is_set, 5, interval=0.01, what="the crash event to wake the agent")
+    wait_for(lambda: sup.states()["a"] == "EXITED", 5, interval=0.02, what="a EXITED from its event")
+    sup.stop(SERVICES["a"])
+    _start(sup, "b")
+    sup.stop(SERVICES["b"])
+    assert sup.states()["b"] == "STOPPED" and sup.states()["c"] == "STOPPED"
+    assert sup.full_reads == reads, "states() asked supervisord for every program"
+
+
+def test_a_gap_in_the_events_makes_one_full_read(sup):
+    reads = sup.full_reads
+    sup.states()
+    assert sup.full_reads == reads
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:  # a datagram from nowhere: serial out of line
+        s.sendto(b"999999 RUNNING c", str(sup.events_socket))
+    wait_for(lambda: sup.feed.current(_now()) is None, 5, interval=0.02, what="the gap to be noticed")
+    assert sup.states()["c"] == "STOPPED"  # the truth, from one full read
+    assert sup.full_reads == reads + 1
+
+
+def test_a_killed_listener_is_restarted_and_states_stay_true(sup):
+    listener = sup.processes()[LISTENER_NAME]["pid"]
+    os.kill(listener, signal.SIGKILL)
+    wait_for(lambda: sup.processes()[LISTENER_NAME]["pid"] not in (0, listener), 10, interval=0.05,
+             what="supervisord to restart the listener")
+    _start(sup, "c")
+    wait_for(lambda: sup.states()["c"] == "RUNNING", 5, interval=0.02, what="c RUNNING after the listener restart")
+    kill_pid(sup.processes()["c"]["pid"])
+    wait_for(lambda: sup.states()["c"] == "EXITED", 5, interval=0.02, what="c EXITED after the listener restart")
+
+
+def test_supervisord_exits_at_once_after_the_agent_stopped_everything(sup):
+    """The listener is stopped first: last, it held supervisord's exit a second per program group."""
+    for name in SERVICES:
+        _start(sup, name)
+    sup.stop_all()
+    started = _now()
+    assert sup.fence_client.quit() is not None
+    assert _now() - started < 4.0, "supervisord took a second per program to exit"
