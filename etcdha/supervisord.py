@@ -128,7 +128,8 @@ class StateFeed(threading.Thread):
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
-        self._last_event: dict[str, int] = {}  # program -> value of `events` when its last event came
+        self._recent: dict[str, list[tuple[int, str]]] = {}  # program -> its last events (index, state)
+        self._awaiting: dict[str, str] = {}  # program -> state `note`d before its event came: older ones are stale
         self._serial: Optional[int] = None  # pool serial of the last datagram (None: any is next)
         self._synced_at: Optional[float] = None  # monotonic time of the last full read loaded
         self.events = 0  # datagrams received
@@ -168,8 +169,13 @@ class StateFeed(threading.Thread):
                 self._synced_at = None  # something was missed (or supervisord restarted): read everything
             self._serial = serial
             if name:
-                self._states[name] = state
-                self._last_event[name] = self.events
+                recent = self._recent.setdefault(name, [])
+                recent.append((self.events, state))
+                del recent[:-8]
+                awaited = self._awaiting.get(name)
+                if awaited is None or awaited == state:
+                    self._awaiting.pop(name, None)
+                    self._states[name] = state
 
     def current(self, now: float) -> Optional[dict[str, str]]:
         """A copy of the states if they can be trusted now, else None."""
@@ -182,13 +188,21 @@ class StateFeed(threading.Thread):
         """Take a full read, made after `events_before` events had come in."""
         with self._lock:
             self._states = dict(states)
+            self._awaiting.clear()
             self._synced_at = now if self.events == events_before else None
 
     def note(self, name: str, state: str, events_before: int) -> None:
-        """What a call just told us about `name`, unless an event about it came in since `events_before`."""
+        """What a call made after `events_before` events just told us about `name`.
+
+        Unless the event of that very state came in meanwhile, it is taken now, and
+        events about `name` are ignored until that event comes: the ones before it
+        (say, STOPPING after a stop we saw finish) are older than what we know.
+        """
         with self._lock:
-            if self._last_event.get(name, 0) <= events_before:
-                self._states[name] = state
+            if any(i > events_before and seen == state for i, seen in self._recent.get(name, ())):
+                return
+            self._states[name] = state
+            self._awaiting[name] = state
 
     def invalidate(self) -> None:
         with self._lock:

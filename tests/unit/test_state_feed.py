@@ -1,0 +1,68 @@
+"""StateFeed's bookkeeping: which of events, full reads and notes it believes, fed by hand."""
+from __future__ import annotations
+
+import pytest
+
+from etcdha.supervisord import RESYNC, StateFeed
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def feed(tmp_path):
+    f = StateFeed(tmp_path / "events.sock", lambda: None)
+    yield f
+    f.sock.close()
+
+
+def ev(feed: StateFeed, serial: int, state: str, name: str = "web") -> None:
+    feed._apply(f"{serial} {state} {name}".encode())
+
+
+def test_nothing_is_trusted_before_a_full_read(feed):
+    ev(feed, 1, "RUNNING")
+    assert feed.current(0.0) is None
+    feed.load({"web": "RUNNING"}, feed.events, 0.0)
+    assert feed.current(1.0) == {"web": "RUNNING"}
+    assert feed.current(RESYNC + 0.5) is None  # the safety net: read everything again
+
+
+def test_a_full_read_during_which_events_came_is_not_trusted(feed):
+    before = feed.events
+    ev(feed, 1, "STARTING")
+    feed.load({"web": "STOPPED"}, before, 0.0)
+    assert feed.current(0.0) is None
+
+
+@pytest.mark.parametrize("serials, trusted", [
+    ([1, 2, 3], True),
+    ([1, 3], False),   # a datagram was dropped
+    ([5, 1], False),   # a new supervisord starts its pool serials again
+])
+def test_a_gap_in_the_pool_serial_asks_for_a_full_read(feed, serials, trusted):
+    feed.load({}, feed.events, 0.0)
+    for serial in serials:
+        ev(feed, serial, "RUNNING")
+    assert (feed.current(0.0) is not None) is trusted
+
+
+@pytest.mark.parametrize("events_before_note, noted, events_after_note, expected", [
+    ([], "STARTING", [], "STARTING"),                                   # the start's own event still to come
+    ([], "STARTING", ["STARTING", "RUNNING"], "RUNNING"),              # and then it came, and more
+    (["STOPPING"], "STOPPED", [], "STOPPED"),                           # a stale STOPPING came before the note
+    ([], "STOPPED", ["STOPPING"], "STOPPED"),                           # ...or after it: still ignored
+    ([], "STOPPED", ["STOPPING", "STOPPED", "STARTING"], "STARTING"),  # until the awaited one; then events rule
+    (["STOPPING", "STOPPED", "STARTING"], "STOPPED", [], "STARTING"),  # newer than the note already: kept
+])
+def test_a_note_is_believed_until_its_own_event_comes(feed, events_before_note, noted, events_after_note, expected):
+    feed.load({"web": "RUNNING"}, feed.events, 0.0)
+    serial = 0
+    mark = feed.events
+    for state in events_before_note:
+        serial += 1
+        ev(feed, serial, state)
+    feed.note("web", noted, mark)
+    for state in events_after_note:
+        serial += 1
+        ev(feed, serial, state)
+    assert feed.current(0.0)["web"] == expected
