@@ -93,10 +93,11 @@ class Agent:
                  ",".join(c.etcd.endpoints), c.etcd.prefix)
         if len(c.etcd.endpoints) > 1 and not election_ride_through(c.lease_ttl, c.fence_margin, c.keepalive_interval,
                                                                      c.etcd.election_timeout):
-            log.warning("lease_ttl %ss cannot ride through an etcd leader election (etcd.election_timeout %ss): "
-                        "renewals stop for about that long, so every owner will fence itself when the etcd leader "
-                        "changes; raise lease_ttl, or lower etcd's --election-timeout and set etcd.election_timeout "
-                        "(deploy/etcd-default.example)", c.lease_ttl, c.etcd.election_timeout)
+            log.warning("lease_ttl %ss with keepalive_interval %ss cannot ride through an etcd leader election "
+                        "(etcd.election_timeout %ss): renewals stop for up to two election timeouts, so owners may "
+                        "fence themselves when the etcd leader changes; raise lease_ttl, or lower etcd's "
+                        "--election-timeout and keepalive_interval (deploy/etcd-default.example, "
+                        "deploy/etcd-colocated.example)", c.lease_ttl, c.keepalive_interval, c.etcd.election_timeout)
         problems = host_problems(c)  # e.g. a missing program: refuse now, not at every node's claim in turn
         if problems:
             raise ConfigError("\n".join(problems))

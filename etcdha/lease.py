@@ -19,6 +19,8 @@ from etcdha.store import Store
 
 log = logging.getLogger(__name__)
 
+RETRY = 0.1  # seconds before another keepalive after one failed (renewal resumes right after an election)
+
 
 class LeaseState(enum.Enum):
     """After kazoo's session states."""
@@ -98,12 +100,14 @@ class Lease:
         while not self._stop.is_set():
             next_at += self.interval
             sent = self.clock()
+            renewed = False
             try:
                 ttl = self.store.keepalive(self.id, timeout=self.interval)
                 if ttl <= 0:
                     self._expired = True
                     log.error("etcd says lease %x has expired", self.id)
                 else:
+                    renewed = True
                     self._last_ok_send = max(self._last_ok_send, sent)
                     self._clock_math = LeaseClock(min(self.requested_ttl, ttl), self.interval)
                     self.on_renew(self.deadline)
@@ -114,6 +118,8 @@ class Lease:
             self._notice()
             if self._expired or self.state is LeaseState.LOST:
                 return
+            if not renewed:  # e.g. an etcd leader election: try again soon, not a whole interval later
+                next_at = min(next_at, self.clock() + RETRY)
             self._stop.wait(max(0.0, next_at - self.clock()))
             next_at = max(next_at, self.clock() - self.interval)
 

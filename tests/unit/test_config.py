@@ -419,14 +419,22 @@ def test_errors_in_loaded_file_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("ttl, election, rides", [
     (2, 1.0, False),   # etcd's defaults: measured, every owner fenced itself at a leader change
-    (3, 1.0, True),    # measured: 3 of 3 leader losses ridden through
-    (2, 0.5, True),    # --election-timeout 500: measured, no spurious fence at lease_ttl 2
-    (5, 2.5, True),    # keepalive 1.25, margin 0.6: 3.15 s of renewals may fail
-    (5, 3.0, False),
+    (3, 1.0, False),   # 1.4 s of renewals may fail; an election can take 2 s (3 of 3 ridden through, by luck)
+    (2, 0.5, False),   # --election-timeout 500: measured, a survivor fenced in 4 of 10 leader-node crashes
+    (2, 0.3, False),   # the default keepalive (ttl/4 = 0.5) leaves 0.9 s: too tight for two 0.3 s timeouts
+    (6, 1.0, True),    # keepalive 1.5, margin 0.6: 3.9 s of renewals may fail
+    (9, 4.0, False),
 ])
 def test_election_ride_through(ttl, election, rides):
+    """(The colocated profile, deploy/etcd-colocated.example, rides through with keepalive 0.25: see below.)"""
     c = config.parse({"node": "n1", "lease_ttl": ttl, "etcd": {"election_timeout": election},
                       "services": {"web": {"command": "/bin/true"}}}, SRC)
     assert c.etcd.election_timeout == election
     assert config.election_ride_through(c.lease_ttl, c.fence_margin, c.keepalive_interval,
                                         c.etcd.election_timeout) is rides
+
+
+def test_the_colocated_profile_rides_through_an_election():
+    c = config.parse({"node": "n1", "lease_ttl": 2, "keepalive_interval": 0.25, "etcd": {"election_timeout": 0.3},
+                      "services": {"web": {"command": "/bin/true"}}}, SRC)
+    assert config.election_ride_through(c.lease_ttl, c.fence_margin, c.keepalive_interval, c.etcd.election_timeout)

@@ -1,9 +1,12 @@
 """lease.LeaseClock: deadline and OK / SUSPENDED / LOST with any `now` (no real clock, no etcd)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from etcdha.lease import LeaseClock, LeaseState
+from etcdha.errors import StoreError
+from etcdha.lease import Lease, LeaseClock, LeaseState
 
 pytestmark = pytest.mark.unit
 
@@ -47,3 +50,36 @@ def test_renewal_moves_the_deadline():
     assert c.state(101.0, last_ok_send=100.0) is LeaseState.SUSPENDED
     assert c.state(101.0, last_ok_send=100.9) is LeaseState.OK
     assert c.deadline(100.9) == pytest.approx(102.9)
+
+
+class _FlakyStore:
+    """A store whose keepalives fail `failures` times, then succeed; records when each was sent."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.sent: list[float] = []
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return 7, ttl
+
+    def keepalive(self, lease: int, timeout: float) -> int:
+        self.sent.append(time.monotonic())
+        if len(self.sent) <= self.failures:
+            raise StoreError("no leader")
+        return 6
+
+
+def test_a_failed_renewal_is_retried_at_once_not_an_interval_later():
+    """After an etcd leader election renewals must resume at once: an interval later may be past the fence."""
+    store = _FlakyStore(failures=2)
+    lease = Lease(store, 6, 1.0, on_renew=lambda _d: None, on_change=lambda _s: None)
+    lease.grant()
+    try:
+        deadline = time.monotonic() + 5
+        while len(store.sent) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        lease.stop()
+    gaps = [b - a for a, b in zip(store.sent, store.sent[1:])]
+    assert gaps[0] < 0.5 and gaps[1] < 0.5, gaps   # retries after the failures: RETRY, not the 1 s interval
+    assert gaps[2] > 0.8, gaps                     # renewed: back to the interval
