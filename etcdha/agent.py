@@ -21,15 +21,15 @@ from etcdha import decide, model
 from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
-from etcdha.errors import ActuatorError, ConfigError, StoreError
+from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
 from etcdha.history import HistoryWriter
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
 
 log = logging.getLogger(__name__)
 
-# claims in flight at once: a cold start or a takeover of hundreds of services waits for one etcd
-# round trip per CLAIM_WORKERS claims instead of one per claim
+# claims (or handoffs) in flight at once: a cold start or a takeover of hundreds of services waits for
+# one etcd round trip per CLAIM_WORKERS claims instead of one per claim; a drain stops as many at once
 CLAIM_WORKERS = 8
 
 
@@ -74,7 +74,7 @@ class Agent:
         self._next_wait = 0.0
         self.claims_from = 0.0
         self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
-        self.claimers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-claim")
+        self.workers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-act")
         self.ready = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Agent:
         elif self.lease is not None:
             self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
         self.hands.shutdown()
-        self.claimers.shutdown(wait=True)
+        self.workers.shutdown(wait=True)
         self.history.close()
         self.store.close()
 
@@ -275,18 +275,17 @@ class Agent:
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
         starts = [a for a in plan.actions if a.kind is Kind.START]
-        claims = [a for a in plan.actions if a.kind is Kind.CLAIM]
-        # claims after the rest, several at a time (each its own one-key transaction), then the starts as
-        # one batch: they concern different services, so the order between them does not matter
+        together = [a for a in plan.actions if a.kind in (Kind.CLAIM, Kind.HANDOFF)]
+        # the rest in order, then claims and handoffs several at a time (each its own one-key transaction or
+        # stop), then the starts as one batch: they concern different services, so their order does not matter
+        fenced = False
         for action in plan.actions:
-            if action.kind not in (Kind.START, Kind.CLAIM) and not self.execute(action):
-                starts = claims = []
+            if action.kind not in (Kind.START, Kind.CLAIM, Kind.HANDOFF) and not self.execute(action):
+                fenced = True
                 break  # we fenced ourselves: the rest of the plan is void
-        if len(claims) > 1:
-            list(self.claimers.map(self.execute, claims))
-        elif claims:
-            self.execute(claims[0])
-        if starts:
+        if not fenced and together:
+            fenced = not (self.execute_together(together) if len(together) > 1 else self.execute(together[0]))
+        if starts and not fenced:
             self.start_all(starts)
         if view is not None:
             self.publish(view, local)
@@ -370,6 +369,28 @@ class Agent:
 
     def execute(self, action: Action) -> bool:
         """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
+        failure = self.attempt(action)
+        if failure is not None:  # a stop that did not hold: nothing may be released
+            self.recover(f"{action} failed, fencing this node: {failure}")
+            return False
+        return True
+
+    def execute_together(self, actions: list[Action]) -> bool:
+        """Claims and handoffs of different services, CLAIM_WORKERS at a time; False if we fenced ourselves.
+
+        A drain hands over dozens of services and a takeover claims hundreds: one after
+        another they waited for each other's stop or etcd round trip.
+        """
+        failures = [(a, f) for a, f in zip(actions, self.workers.map(self.attempt, actions)) if f is not None]
+        if failures:
+            action, failure = failures[0]
+            self.recover(f"{action} failed, fencing this node: {failure}")
+            return False
+        return True
+
+    def attempt(self, action: Action) -> Optional[EtcdhaError]:
+        """Carry out one action (not START: see start_all); the error if a stop did not hold (the caller must
+        fence), else None."""
         service = self.config.services[action.service]
         prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
         if action.kind in (Kind.CLAIM, Kind.START) and not (self.hands.runtime_alive() and
@@ -377,7 +398,7 @@ class Agent:
             # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing
             log.warning("not doing %s: the lease is no longer healthy", action)
             self.wake.set()
-            return True
+            return None
         try:
             if action.kind is Kind.ENROLL:
                 self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
@@ -390,8 +411,6 @@ class Agent:
                 log.info("%s %s", "claimed" if token else "lost the race for", service.name)
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
-            elif action.kind is Kind.START:
-                return self.start_all([action])
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
             elif action.kind is Kind.RELEASE:
@@ -404,12 +423,11 @@ class Agent:
             elif action.kind is Kind.REQUEST_MOVE:
                 if self.store.request_move(service.name, me, action.target, action.token, self.config.move_timeout):
                     log.info("drained: asked to move %s to %s", service.name, action.target)
-        except (ConfigError, ActuatorError) as exc:  # a stop that did not hold: nothing may be released
-            self.recover(f"{action} failed, fencing this node: {exc}")
-            return False
+        except (ConfigError, ActuatorError) as exc:
+            return exc
         except StoreError as exc:
             log.error("%s failed: %s", action, exc)
-        return True
+        return None
 
     def start_all(self, actions: list[Action]) -> bool:
         """START actions as one batch: only what etcd itself still says is ours; failures are released.

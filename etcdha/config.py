@@ -110,7 +110,7 @@ class Config:
     failure_cooldown: float = 30.0
     move_timeout: int = 10
     history_size: int = 100
-    drain_concurrency: int = 8  # services a drained node moves at once
+    drain_concurrency: int = 32  # services a drained node moves at once
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
     cgroup_root: Optional[Path] = None  # None: the agent finds its own cgroup
@@ -456,7 +456,7 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
     cooldown = r.number(data, "failure_cooldown", "", 30.0, 0, 7 * 24 * 3600)
     move_timeout = r.number(data, "move_timeout", "", 10, ETCD_MIN_TTL, 3600, "whole seconds")
     history_size = r.number(data, "history_size", "", 100, 1, 10_000, "count")
-    drain_concurrency = r.number(data, "drain_concurrency", "", 8, 1, 1000, "count")
+    drain_concurrency = r.number(data, "drain_concurrency", "", 32, 1, 1000, "count")
 
     services: dict[str, Service] = {}
     services_data = data.get("services")

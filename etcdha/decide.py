@@ -81,7 +81,7 @@ class Facts:
     candidate_since: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> first seen
     seen_owned: frozenset[str] = frozenset()  # services this agent has seen owned since it started
     startup_grace: float = 0.0  # a peer that just registered claims nothing for this long (same config assumed)
-    drain_concurrency: int = 8  # moves a drained node has pending at once
+    drain_concurrency: int = 32  # moves a drained node has pending at once
 
 
 @dataclass(frozen=True)

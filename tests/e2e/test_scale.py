@@ -215,7 +215,7 @@ def test_node_crash_with_100_services_all_back_never_two_copies(lab, make_cluste
 
 
 def test_drain_moves_several_services_at_once(lab, make_cluster):
-    """24 services: a drain of the node owning 8 moves them all, several at once (drain_concurrency 8).
+    """24 services: a drain of the node owning 8 moves them all, several at once (drain_concurrency 32, the default).
 
     Measured exactly, in etcd's revision order: at some revision two or more move requests from
     the drained node were pending, and two or more of its services were released and not yet
