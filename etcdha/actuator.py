@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from etcdha import vip
+from etcdha import netlink, vip
 from etcdha.cgroup import ContainmentError, NodeCgroups, detect_placement
 from etcdha.config import Config, Service
 from etcdha.errors import ActuatorError, EtcdhaError
@@ -157,17 +158,21 @@ class Actuator:
         return Local(programs, counts, self.vips_up())
 
     def vips_up(self) -> frozenset[str]:
+        """Services whose VIP is on its interface: one stdlib netlink dump per cycle."""
+        try:
+            by_index = netlink.addresses()
+        except OSError as exc:
+            log.warning("cannot list addresses: %s", exc)
+            return frozenset()
         up = set()
-        by_interface: dict[str, set[str]] = {}
         for s in self.config.services.values():
             if s.vip is None:
                 continue
-            if s.interface not in by_interface:
-                try:
-                    by_interface[s.interface] = {a.split("/")[0] for a in vip.addresses(s.interface)}
-                except ActuatorError:
-                    by_interface[s.interface] = set()
-            if str(s.vip.ip) in by_interface[s.interface]:
+            try:
+                index = socket.if_nametoindex(s.interface)
+            except OSError:
+                continue  # no such interface: its VIP is not up
+            if str(s.vip.ip) in by_index.get(index, ()):
                 up.add(s.name)
         return frozenset(up)
 

@@ -1,0 +1,48 @@
+"""netlink.addresses: the stdlib address dump the agent reads every cycle, against pyroute2's and by hand."""
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from pyroute2 import IPRoute
+
+from etcdha import netlink
+
+pytestmark = pytest.mark.unit
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def newaddr(family: int, index: int, *attrs: tuple[int, str]) -> bytes:
+    body = struct.pack("BBBBI", family, 24, 0, 0, index)
+    body += b"".join(_attr(kind, socket.inet_pton(family, ip)) for kind, ip in attrs)
+    return struct.pack("IHHII", 16 + len(body), netlink.RTM_NEWADDR, 2, 1, 0) + body
+
+
+DONE = struct.pack("IHHII", 20, netlink.NLMSG_DONE, 2, 1, 0) + b"\0" * 4
+
+
+def test_local_wins_over_the_peer_address_and_the_dump_ends_at_done():
+    data = (newaddr(socket.AF_INET, 2, (netlink.IFA_ADDRESS, "198.18.9.9"), (netlink.IFA_LOCAL, "198.18.0.11"))
+            + newaddr(socket.AF_INET, 2, (netlink.IFA_ADDRESS, "198.18.1.1"))
+            + newaddr(socket.AF_INET6, 3, (netlink.IFA_ADDRESS, "2001:2::1")))
+    assert netlink.parse_addresses(data) == ({2: {"198.18.0.11", "198.18.1.1"}, 3: {"2001:2::1"}}, False)
+    assert netlink.parse_addresses(data + DONE)[1] is True
+
+
+def test_a_truncated_message_is_not_read_past_its_end():
+    whole = newaddr(socket.AF_INET, 2, (netlink.IFA_ADDRESS, "198.18.1.1"))
+    assert netlink.parse_addresses(whole[:20]) == ({}, False)
+
+
+def test_the_dump_agrees_with_pyroute2_on_this_host():
+    """Read-only: lists this namespace's IPv4 addresses both ways."""
+    with IPRoute() as ipr:
+        theirs: dict[int, set[str]] = {}
+        for a in ipr.get_addr(family=socket.AF_INET):
+            theirs.setdefault(a["index"], set()).add(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+    assert netlink.addresses() == theirs
