@@ -675,9 +675,9 @@ class ScaleRun:
         if running.at is None:
             result.cold.note = f"after {self.timeout:g}s: {leftover(feed, self.names, None)}"
         self.out(f"cold start: {fmt_phase(result.cold)}")
-        programs = sorted((self.cluster.nodes["n1"].dir / "run" / "programs").glob("*.conf"))
-        if CODE_DIR and programs and str(CODE_DIR) not in programs[0].read_text(errors="replace"):
-            result.problems.append(f"(instrument) {programs[0]} does not name the copied code in {CODE_DIR}: "
+        conf = self.cluster.nodes["n1"].dir / "run" / "supervisord.conf"  # names the code's listener.py
+        if CODE_DIR and (not conf.exists() or str(CODE_DIR) not in conf.read_text(errors="replace")):
+            result.problems.append(f"(instrument) {conf} does not name the copied code in {CODE_DIR}: "
                                    "the agents may run the working tree as it changes")
         quiet = self.settle()
         services, _ = feed.view()
