@@ -74,6 +74,7 @@ class Agent:
         self._next_wait = 0.0
         self.claims_from = 0.0
         self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
+        self.claimed: list[tuple[str, int]] = []  # (service, token) claimed in this cycle: started in it too
         self.workers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-act")
         self.ready = False
 
@@ -283,8 +284,12 @@ class Agent:
             if action.kind not in (Kind.START, Kind.CLAIM, Kind.HANDOFF) and not self.execute(action):
                 fenced = True
                 break  # we fenced ourselves: the rest of the plan is void
+        self.claimed = []
         if not fenced and together:
             fenced = not (self.execute_together(together) if len(together) > 1 else self.execute(together[0]))
+        # what we just claimed starts in this same batch: the next plan would say START (a claim is only
+        # planned where nothing of it runs here), and start_all checks each owner key in etcd first
+        starts += [Action(Kind.START, service, Reason.OWNER, token=token) for service, token in self.claimed]
         if starts and not fenced:
             self.start_all(starts)
         if view is not None:
@@ -411,6 +416,7 @@ class Agent:
                 log.info("%s %s", "claimed" if token else "lost the race for", service.name)
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
+                    self.claimed.append((service.name, token))
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
             elif action.kind is Kind.RELEASE:
