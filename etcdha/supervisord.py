@@ -44,6 +44,9 @@ SUCCESS_FAULTS = {ALREADY_STARTED, NOT_RUNNING}
 LISTENER = Path(__file__).with_name("listener.py")
 LISTENER_NAME = "_etcdha_events"  # never a service name (those start with a letter or digit)
 RESYNC = 30.0  # seconds between full reads of every program's state, as a safety net under the events
+# states supervisord leaves only on a turn of its loop (startsecs passed, a retry due, stopwaitsecs over)
+PENDING = frozenset({"STARTING", "BACKOFF", "STOPPING"})
+NUDGE = 0.1  # seconds between calls that wake supervisord's loop while a program is in one of them
 # startProcess calls per multicall: supervisord forks them one after another (about 40 a second on
 # a busy 2-core machine), so a chunk answers well within the call timeout
 START_CHUNK = 16
@@ -223,6 +226,7 @@ class Supervisor:
         self.events_socket = self.dir / "events.sock"
         self.timeout = timeout
         self.feed: Optional[StateFeed] = None
+        self._next_nudge = 0.0
 
     def command(self) -> list[str]:
         """How to run supervisord in the foreground (the fence starts it)."""
@@ -318,12 +322,23 @@ class Supervisor:
         if feed is not None and not fresh:
             known = feed.current(now)
             if known is not None:
+                if now >= self._next_nudge and any(v in PENDING for v in known.values()):
+                    self.nudge(now)
                 return known
             events_before = feed.events
         states = {name: p["statename"] for name, p in self.processes().items()}
         if feed is not None and not fresh:
             feed.load(states, events_before, now)
         return states
+
+    def nudge(self, now: float) -> None:
+        """One cheap call, so supervisord's loop runs now: it moves STARTING programs to RUNNING (and
+        BACKOFF, STOPPING along) only when it wakes, and idle it sleeps up to a second at a time."""
+        self._next_nudge = now + NUDGE
+        try:
+            self._call("getState")
+        except ActuatorError:
+            pass  # supervisord's death is the fence's business; the next full read says more
 
     def processes(self) -> Mapping[str, Mapping]:
         """service -> supervisord's process info (statename, pid), one call for all."""

@@ -11,6 +11,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.store
 
 SERVICES = {name: Service(name=name, command=("sleep", "300"), startsecs=0, startretries=0, stopwaitsecs=2)
             for name in ("a", "b", "c", "d", "e", "f", "g", "h")}
+SLOW = {name: Service(name=name, command=("sleep", "300"), startsecs=1, startretries=0, stopwaitsecs=2)
+        for name in ("slow1", "slow2", "slow3")}
+SERVICES.update(SLOW)
 
 
 class Counting(Supervisor):
@@ -71,7 +75,6 @@ def sup(request, cgroup_root):
 
 
 def _now() -> float:
-    import time
     return time.monotonic()
 
 
@@ -127,3 +130,26 @@ def test_supervisord_exits_at_once_after_the_agent_stopped_everything(sup):
     started = _now()
     assert sup.fence_client.quit() is not None
     assert _now() - started < 4.0, "supervisord took a second per program to exit"
+
+
+def test_running_is_known_soon_after_startsecs_not_at_supervisords_next_idle_wakeup(sup):
+    """supervisord declares RUNNING only when its loop turns (idle: once a second, in step with its
+    last wake-up); reading the states nudges it while a program is STARTING, so each program is
+    RUNNING about startsecs after its own start. Starts a quarter second apart put the loop out of
+    step with some of them."""
+    started, running = {}, {}
+    deadline = _now() + 6
+    for name in SLOW:
+        started[name] = _now()
+        _start(sup, name)
+        pause = _now() + 0.35
+        while _now() < pause:
+            sup.states()
+            time.sleep(0.05)
+    while len(running) < len(SLOW) and _now() < deadline:
+        for name, state in sup.states().items():
+            if name in SLOW and state == "RUNNING" and name not in running:
+                running[name] = _now()
+        time.sleep(0.05)
+    late = {name: round(running.get(name, deadline) - started[name], 2) for name in SLOW}
+    assert max(late.values()) < 1.45, f"seconds from each start to RUNNING (startsecs 1): {late}"
