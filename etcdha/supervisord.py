@@ -19,6 +19,7 @@ Supervisor faults are mapped to outcomes in `_call` only.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
@@ -157,24 +158,23 @@ class StateFeed(threading.Thread):
         try:
             while not self.stopping.is_set():
                 try:
-                    self._apply(self.sock.recv(4096))
+                    self._receive(0.5)
+                    until = time.monotonic() + COALESCE
+                    with contextlib.suppress(socket.timeout):
+                        while (left := until - time.monotonic()) > 0:
+                            self._receive(left)
                 except socket.timeout:
                     continue
                 except OSError:
                     return
-                until = time.monotonic() + COALESCE
-                while (left := until - time.monotonic()) > 0:
-                    self.sock.settimeout(left)
-                    try:
-                        self._apply(self.sock.recv(4096))
-                    except socket.timeout:
-                        break
-                    except OSError:
-                        return
-                self.sock.settimeout(0.5)
                 self.wake()
         finally:
             self.sock.close()
+
+    def _receive(self, timeout: float) -> None:
+        """Apply one datagram; socket.timeout if none comes within `timeout` s."""
+        self.sock.settimeout(timeout)
+        self._apply(self.sock.recv(4096))
 
     def _apply(self, data: bytes) -> None:
         try:
