@@ -429,3 +429,13 @@ def test_history_writer_writes_in_order_in_the_background_and_flushes_on_close(s
         writer.record(model.Event("web", t0 + i / 1000, "a", "claimed", "vacant", i + 1))
     writer.close(timeout=10)
     assert [e.token for e in store.history("web")] == list(range(1, 31))
+
+
+def test_last_watched_change_is_the_newest_state_write_not_a_history_write(store):
+    """The first claims wait for the watch to reach this: it must be a revision the watch will see."""
+    assert store.last_watched_change() == 0  # nothing under the prefix yet
+    first = store.put(f"{store.prefix}/candidates/web/a", b"{}")
+    newest = store.put(f"{store.prefix}/nodes/a", b"{}")
+    store.put(f"{store.prefix}/history/web/0001", b"{}")  # later, but never on the watch
+    assert first < newest < store.revision()
+    assert store.last_watched_change() == newest
