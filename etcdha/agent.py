@@ -81,13 +81,37 @@ class Agent:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
+        """Ask the loop to stop (from any thread; not from a signal handler, see stop_on_signals)."""
         self.stopping.set()
         self.wake.set()
 
+    def stop_on_signals(self) -> None:
+        """SIGTERM and SIGINT stop the loop, relayed through a pipe to a thread of their own.
+
+        A handler that set the Events itself runs in the main thread between two bytecodes,
+        possibly inside Event.wait or clear while their lock is held: setting the same Event
+        then waits for that lock forever (seen once under load: an agent deaf to SIGTERM).
+        """
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+
+        def handler(*_: object) -> None:
+            try:
+                os.write(write_end, b"x")
+            except OSError:  # the pipe is full: a stop is already on its way
+                pass
+
+        def relay() -> None:
+            while os.read(read_end, 1):
+                self.request_stop()
+
+        threading.Thread(target=relay, name="etcdha-signals", daemon=True).start()
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        self.stop_on_signals()
         c = self.config
         log.info("agent %s starting: services %s, lease_ttl %ss, fence margin %ss, etcd %s%s",
                  c.node, ", ".join(c.services) or "(none)", c.lease_ttl, c.fence_margin,
