@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from etcdha import decide, model
+from etcdha import decide, health, model
 from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
@@ -25,6 +25,7 @@ from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
 from etcdha.history import HistoryWriter
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
+from etcdha.supervisord import service_environment
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class Agent:
         self.stopping = threading.Event()
         self.store = Store(config.etcd)
         self.hands = Actuator(config, wake=self.wake.set)
+        self.prober = health.Prober(config.services, self.hands.cgroups.services_dir / health.CHECKS_DIR,
+                                    lambda service, token: {**os.environ, **service_environment(service, config.node,
+                                                                                                token)},
+                                    on_change=self.wake.set, clock=clock)
+        self.starts: dict[str, tuple[int, float]] = {}  # service -> (token, monotonic time) of our last start
         self.history = HistoryWriter(self.store, config.history_size)
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
@@ -74,7 +80,8 @@ class Agent:
         self._next_wait = 0.0
         self.claims_from = 0.0
         self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
-        self.claimed: list[tuple[str, int]] = []  # (service, token) claimed in this cycle: started in it too
+        self.claimed: list[tuple[str, int]] = []  # (service, token) claimed (or restarted) in this cycle: started in it too
+        self.failing: dict[str, tuple[str, str]] = {}  # service -> (check, output), as planned on in this cycle
         self.workers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-act")
         self.ready = False
 
@@ -235,6 +242,7 @@ class Agent:
         """Graceful: stop programs (cgroups verified empty), drop VIPs, then revoke the lease."""
         log.info("shutting down: stopping services and handing them over")
         sd_notify("STOPPING=1")
+        self.prober.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.cgroup_events is not None:
@@ -286,6 +294,13 @@ class Agent:
             self.seen_owned |= set(view.owners)
             self.owned = {svc: o.token for svc, o in view.owners.items()
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
+            # probe what we own and supervisord says is RUNNING, counted from our own start of it
+            self.prober.track({svc: self.starts[svc] for svc, token in self.owned.items()
+                               if local.programs.get(svc) == "RUNNING" and self.starts.get(svc, (0, 0))[0] == token},
+                              frozenset(self.owned))
+        for r in self.prober.recovered():
+            self.record(r.service, "recovered", "checks pass", r.token, f"{r.check}: {r.output}")
+        unhealthy = self.prober.unhealthy()
         facts = decide.Facts(
             me=self.config.node, lease=self.lease.id, lease_state=state, now=now,
             priorities=self.priorities(), programs=local.programs, processes=local.processes,
@@ -295,7 +310,8 @@ class Agent:
             claim_delay=self.config.claim_delay, claims_from=self.claims_from,
             candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace,
             seen_owned=frozenset(self.seen_owned),
-            drain_concurrency=self.config.drain_concurrency)
+            drain_concurrency=self.config.drain_concurrency, unhealthy=frozenset(unhealthy),
+            max_restarts={n: s.max_restarts for n, s in self.config.services.items()})
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
@@ -304,11 +320,12 @@ class Agent:
         # the rest in order, then claims and handoffs several at a time (each its own one-key transaction or
         # stop), then the starts as one batch: they concern different services, so their order does not matter
         fenced = False
+        self.claimed = []
+        self.failing = unhealthy
         for action in plan.actions:
             if action.kind not in (Kind.START, Kind.CLAIM, Kind.HANDOFF) and not self.execute(action):
                 fenced = True
                 break  # we fenced ourselves: the rest of the plan is void
-        self.claimed = []
         if not fenced and together:
             fenced = not (self.execute_together(together) if len(together) > 1 else self.execute(together[0]))
         # what we just claimed starts in this same batch: the next plan would say START (a claim is only
@@ -392,9 +409,10 @@ class Agent:
     def candidate_value(self, service: Service) -> bytes:
         return model.encode_candidate(service.priority, str(service.vip) if service.vip else None)
 
-    def node_value(self, programs: dict[str, str], processes: Optional[dict[str, int]] = None) -> bytes:
+    def node_value(self, programs: dict[str, str], processes: Optional[dict[str, int]] = None,
+                   checks: Optional[dict[str, str]] = None) -> bytes:
         return model.encode_node(self.config.node, self.lease.id if self.lease else 0, os.getpid(),
-                                 self.started, programs, processes or {})
+                                 self.started, programs, processes or {}, checks or {})
 
     def execute(self, action: Action) -> bool:
         """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
@@ -422,8 +440,8 @@ class Agent:
         fence), else None."""
         service = self.config.services[action.service]
         prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
-        if action.kind in (Kind.CLAIM, Kind.START) and not (self.hands.runtime_alive() and
-                                                              self.lease.poll() is LeaseState.OK):
+        if action.kind in (Kind.CLAIM, Kind.START, Kind.RESTART) and not (
+                self.hands.runtime_alive() and self.lease.poll() is LeaseState.OK):
             # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing
             log.warning("not doing %s: the lease is no longer healthy", action)
             self.wake.set()
@@ -443,9 +461,15 @@ class Agent:
                     self.claimed.append((service.name, token))
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
+            elif action.kind is Kind.RESTART:
+                self.restart(service, action.token)
             elif action.kind is Kind.RELEASE:
-                self.release(service, self.failure(action), action.token)
+                if action.reason is Reason.UNHEALTHY:
+                    self.count_failure(service, action.token)
+                self.release(service, self.failure(action), action.token,
+                             "migrated" if action.reason is Reason.UNHEALTHY else "failed")
             elif action.kind is Kind.HANDOFF:
+                self.prober.forget(service.name)
                 self.hands.stop(service)  # raises unless the cgroup is empty and the VIP gone
                 if self.store.release(service.name, lease):
                     log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
@@ -486,6 +510,10 @@ class Agent:
                             a.token)
                 self.wake.set()
         failed = self.hands.start_many([(self.config.services[a.service], a.token) for a in ours])
+        started = self.clock()
+        for a in ours:
+            if a.service not in failed:
+                self.starts[a.service] = (a.token, started)
         for a in ours:
             if a.service in failed:
                 log.error("%s failed: %s", a, failed[a.service])
@@ -498,6 +526,11 @@ class Agent:
 
     def failure(self, action: Action) -> str:
         """The reason recorded in history when we give a service up."""
+        if action.reason is Reason.UNHEALTHY:
+            check, output = self.failing.get(action.service, ("?", ""))
+            service = self.config.services[action.service]
+            return (f"check {check} failed after {service.max_restarts} restart(s) within "
+                    f"{service.failure_timeout:g}s: {output}")
         if action.reason is Reason.DAEMONIZED:
             left = self.local.processes.get(action.service, 0)
             return (f"program daemonized: supervisord's process exited while {left} process(es) remain in its "
@@ -509,12 +542,33 @@ class Agent:
         self.history.record(model.Event(service=service, time=time.time(), node=self.config.node, event=event,
                                         reason=reason, token=token, detail=detail))
 
-    def release(self, service: Service, why: str, token: int = 0) -> None:
+    def count_failure(self, service: Service, token: int) -> model.Failures:
+        """A failed health check, counted in etcd (raises StoreError: then we do nothing yet) and recorded."""
+        check, output = self.failing.get(service.name, ("?", ""))
+        failures = self.store.add_failure(service.name, self.config.node, time.time(), service.failure_timeout,
+                                          check, output)
+        count = failures.count(time.time())
+        log.warning("%s: check %s failed (failure %d within %gs): %s", service.name, check, count,
+                    service.failure_timeout, output)
+        self.record(service.name, "check-failed", "unhealthy", token, f"{check}: {output}")
+        return failures
+
+    def restart(self, service: Service, token: int) -> None:
+        """Restart in place after failed checks: count it, stop (verified: raises if it did not hold), start again."""
+        count = self.count_failure(service, token).count(time.time())
+        self.prober.restarting(service.name)
+        self.hands.stop(service)
+        self.claimed.append((service.name, token))  # started in this cycle's batch, after a check of the owner key
+        self.record(service.name, "restarted", "unhealthy", token,
+                    f"restart {count} of at most {service.max_restarts} within {service.failure_timeout:g}s")
+
+    def release(self, service: Service, why: str, token: int = 0, event: str = "failed") -> None:
         """Give up a service that fails here: stop (verified), step aside for a while, delete the owner key.
 
         Raises ActuatorError if the stop did not hold: then the key stays ours and the
         caller fences this node.
         """
+        self.prober.forget(service.name)
         self.hands.stop(service)
         prefix, me = self.config.etcd.prefix, self.config.node
         until = time.time() + self.config.failure_cooldown
@@ -526,7 +580,7 @@ class Agent:
         except StoreError as exc:  # e.g. our lease is gone: the owner key went with it
             log.error("releasing %s in etcd: %s", service.name, exc)
             return
-        self.record(service.name, "failed", why, token)
+        self.record(service.name, event, why, token)
         log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
                     service.name, why, self.config.failure_cooldown, service.name)
 
@@ -534,11 +588,13 @@ class Agent:
         """Keep our node key current (program states, processes per cgroup), re-creating it if it vanished."""
         states = {s: local.programs.get(s, "STOPPED") for s in self.config.services}
         processes = {s: local.processes.get(s, 0) for s in self.config.services}
-        if {"states": states, "processes": processes} == self.published and self.config.node in view.nodes:
+        checks = self.prober.health()
+        if ({"states": states, "processes": processes, "health": checks} == self.published
+                and self.config.node in view.nodes):
             return
         try:
             self.store.put(model.node_key(self.config.etcd.prefix, self.config.node),
-                           self.node_value(states, processes), self.lease.id)
-            self.published = {"states": states, "processes": processes}
+                           self.node_value(states, processes, checks), self.lease.id)
+            self.published = {"states": states, "processes": processes, "health": checks}
         except StoreError as exc:
             log.debug("publishing status: %s", exc)

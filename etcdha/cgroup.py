@@ -362,9 +362,14 @@ class NodeCgroups:
 
     def release(self) -> None:
         """Graceful end: remove our (empty) cgroups and the lock; never raises."""
-        for name in self.names:
+        groups = [self.group(name) for name in self.names]
+        try:  # and whatever else is below (health checks' cgroups), deepest first
+            groups += sorted((p for p in self.services_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        except OSError:
+            pass
+        for group in groups:
             try:
-                os.rmdir(self.group(name))
+                os.rmdir(group)
             except OSError:
                 pass
         try:

@@ -506,7 +506,8 @@ def history(settings: Settings, service: Optional[str], limit: int, as_json: boo
 @click.option("--node", shell_complete=complete_node, help="Only this node's cooldown (default: every node's).")
 @click.pass_obj
 def cleanup(settings: Settings, service: str, node: Optional[str]) -> None:
-    """Clear the failure cooldown of SERVICE so nodes where it failed may run it again.
+    """Clear the failure cooldowns and health-check fail counts of SERVICE, so nodes where it failed may run it
+    again and it gets its max_restarts anew.
 
     \b
     Examples:
@@ -517,9 +518,11 @@ def cleanup(settings: Settings, service: str, node: Optional[str]) -> None:
         known_service(store.snapshot(), service)
         if node:
             count = int(store.delete(model.cooldown_key(store.prefix, service, node)))
+            fails = int(store.delete(model.failures_key(store.prefix, service, node)))
         else:
             count = store.delete_prefix(model.cooldown_key(store.prefix, service, ""))
-        click.echo(f"cleared {count} cooldown(s) of {service}")
+            fails = store.delete_prefix(model.failures_key(store.prefix, service, ""))
+        click.echo(f"cleared {count} cooldown(s) and {fails} fail count(s) of {service}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
 import yaml
@@ -78,9 +78,36 @@ def election_ride_through(lease_ttl: float, fence_margin: float, keepalive: floa
     return lease_ttl - fence_margin - keepalive > 2 * election + 0.3
 
 
+CHECK_KINDS = ("http", "tcp", "exec")
+CHECK_KEYS = {"name", *CHECK_KINDS, "expect_status", "expect_body", "interval", "timeout", "failure_threshold",
+              "success_threshold", "start_grace"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health check of a service: a Kubernetes liveness probe, a Pacemaker monitor operation.
+
+    Run only by the owner, every `interval` once the program is RUNNING and `start_grace` has
+    passed since the agent started it; `failure_threshold` failures in a row make the service
+    unhealthy (restart, then migrate: see Service), `success_threshold` passes in a row healthy again.
+    """
+
+    name: str
+    kind: str                             # http, tcp or exec
+    target: str = ""                      # http: the URL; tcp: HOST:PORT
+    command: tuple[str, ...] = ()         # exec: argv, run in the service's directory and environment
+    expect_status: Optional[int] = None   # http: this status, or any 2xx/3xx when None
+    expect_body: Optional[str] = None     # http: a substring of the first 64 KiB of the body
+    interval: float = 5.0
+    timeout: float = 2.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    start_grace: float = 0.0
+
+
 @dataclass(frozen=True)
 class Service:
-    """One supervised program plus its optional virtual IP."""
+    """One supervised program plus its optional virtual IP and health checks."""
 
     name: str
     command: tuple[str, ...]
@@ -92,6 +119,9 @@ class Service:
     stopwaitsecs: int = 2
     directory: Optional[str] = None
     environment: Mapping[str, str] = field(default_factory=dict)
+    checks: tuple[Check, ...] = ()
+    max_restarts: int = 3          # restarts in place after failed checks before migrating (within failure_timeout)
+    failure_timeout: float = 600.0  # a failure counts for this long (Pacemaker's failure-timeout)
 
 
 @dataclass(frozen=True)
@@ -311,6 +341,105 @@ def _environment(value: Any, path: str, r: _Reader) -> Optional[dict[str, str]]:
     return env
 
 
+def _http_url(value: Any, path: str, r: _Reader) -> Optional[str]:
+    expected = "an http:// or https:// URL like http://127.0.0.1:8080/health"
+    value = r.text(value, path, expected)
+    if value is None:
+        return None
+    url = urlparse(value)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or re.search(r"\s", value) or port in (0, -1):
+        r.error(path, expected, value)
+        return None
+    return value
+
+
+def _host_port(value: Any, path: str, r: _Reader) -> Optional[str]:
+    expected = "HOST:PORT like 127.0.0.1:5432 or [::1]:5432"
+    value = r.text(value, path, expected)
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or re.search(r"[\s/\[\]]", host) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        r.error(path, expected, value)
+        return None
+    return value
+
+
+def _check(data: Any, path: str, r: _Reader, default_name: Callable[[str], str]) -> Optional[Check]:
+    """One entry of a service's checks: exactly one of http/tcp/exec plus its timing."""
+    before = len(r.errors)
+    data = r.mapping(data, path)
+    if data is None:
+        return None
+    r.unknown_keys(data, CHECK_KEYS, path + ".")
+    kinds = [k for k in CHECK_KINDS if k in data]
+    if len(kinds) != 1:
+        r.error(path, "exactly one of http: URL, tcp: HOST:PORT or exec: COMMAND",
+                ", ".join(kinds) if kinds else "none")
+        return None
+    kind = kinds[0]
+    target, command = "", ()
+    if kind == "http":
+        target = _http_url(data["http"], f"{path}.http", r) or ""
+    elif kind == "tcp":
+        target = _host_port(data["tcp"], f"{path}.tcp", r) or ""
+    else:
+        command = parse_command(data["exec"], f"{path}.exec", r) or ()
+    name = r.name(data.get("name", default_name(kind)), f"{path}.name")
+    status = None
+    if data.get("expect_status") is not None:
+        if kind != "http":
+            r.error(f"{path}.expect_status", "no expect_status (only http checks have one)", data["expect_status"])
+        status = r.number(data, "expect_status", path + ".", 200, 100, 599, "count")
+    body = None
+    if data.get("expect_body") is not None:
+        if kind != "http":
+            r.error(f"{path}.expect_body", "no expect_body (only http checks have one)", data["expect_body"])
+        body = r.text(data["expect_body"], f"{path}.expect_body", "a text to find in the response body")
+        if body is not None and not 0 < len(body.encode()) <= 1024:
+            r.error(f"{path}.expect_body", "a text of 1 to 1024 bytes", body)
+    interval = r.number(data, "interval", path + ".", 5.0, 0.1, 3600)
+    timeout = r.number(data, "timeout", path + ".", min(2.0, float(interval or 5.0)), 0.05, 3600)
+    if interval is not None and timeout is not None and timeout > interval:
+        r.error(f"{path}.timeout", f"at most the interval ({_num(interval)}s): one check at a time", timeout)
+    failures = r.number(data, "failure_threshold", path + ".", 3, 1, 100, "count")
+    successes = r.number(data, "success_threshold", path + ".", 1, 1, 100, "count")
+    grace = r.number(data, "start_grace", path + ".", 0.0, 0, 3600)
+    if len(r.errors) > before:
+        return None
+    return Check(name=name, kind=kind, target=target, command=command, expect_status=status, expect_body=body,
+                 interval=float(interval), timeout=float(timeout), failure_threshold=failures,
+                 success_threshold=successes, start_grace=float(grace))
+
+
+def _checks(value: Any, path: str, r: _Reader) -> tuple[Check, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        value = [value]  # one check may be given without the list
+    if not isinstance(value, list):
+        r.error(path, "a list of checks like [{http: http://127.0.0.1:8080/health}]", value)
+        return ()
+    if len(value) > 16:
+        r.error(path, "at most 16 checks", f"{len(value)} checks")
+        return ()
+    kinds = [next((k for k in CHECK_KINDS if isinstance(item, dict) and k in item), "") for item in value]
+    found = [_check(item, f"{path}[{i}]", r, lambda kind, i=i: kind if kinds.count(kind) == 1 else f"{kind}{i + 1}")
+             for i, item in enumerate(value)]
+    checks = tuple(c for c in found if c is not None)
+    seen: set[str] = set()
+    for i, c in enumerate(checks):
+        if c.name in seen:
+            r.error(f"{path}[{i}].name", "a name no other check of this service has", c.name)
+        seen.add(c.name)
+    return checks
+
+
 def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
     path = f"services.{_key(name)}"
     before = len(r.errors)
@@ -319,7 +448,8 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
     if data is None:
         return None
     r.unknown_keys(data, {"command", "vip", "interface", "priority", "startsecs", "startretries",
-                          "stopwaitsecs", "directory", "environment"}, path + ".")
+                          "stopwaitsecs", "directory", "environment", "checks", "max_restarts",
+                          "failure_timeout"}, path + ".")
     command = None
     if "command" not in data:
         r.error(f"{path}.command", "a command to run")
@@ -352,11 +482,15 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
     startsecs = r.number(data, "startsecs", path + ".", 1, 0, 3600, "whole seconds")
     startretries = r.number(data, "startretries", path + ".", 2, 0, 100, "count")
     stopwaitsecs = r.number(data, "stopwaitsecs", path + ".", 2, 1, 3600, "whole seconds")
+    checks = _checks(data.get("checks"), f"{path}.checks", r)
+    max_restarts = r.number(data, "max_restarts", path + ".", 3, 0, 100, "count")
+    failure_timeout = r.number(data, "failure_timeout", path + ".", 600.0, 1, 30 * 24 * 3600)
     if len(r.errors) > before:
         return None
     return Service(name=name, command=command, vip=vip, interface=interface if vip else None, priority=priority,
                    startsecs=startsecs, startretries=startretries, stopwaitsecs=stopwaitsecs, directory=directory,
-                   environment=environment)
+                   environment=environment, checks=checks, max_restarts=max_restarts,
+                   failure_timeout=float(failure_timeout))
 
 
 def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
@@ -682,6 +816,22 @@ def _executable(path: Path) -> Optional[str]:
     return None
 
 
+def _program_problems(src: str, where: str, program: str, base: Path, directory_ok: bool,
+                      environment: Mapping[str, str]) -> list[str]:
+    """Why `program` (argv[0] of a command run in `base`) cannot be run here: [] if it can."""
+    if "/" in program:
+        if program.startswith("/") or directory_ok:
+            why = _executable(base / program)
+            if why:
+                return [f"{src}: {where}: expected an executable program (got {_show(program)}: {why})"]
+        return []
+    search = environment.get("PATH", os.environ.get("PATH", os.defpath))
+    if not any(_executable(base / (d or ".") / program) is None for d in search.split(os.pathsep)):
+        return [f"{src}: {where}: expected a program found on the PATH (got {_show(program)}; "
+                f"PATH={_show(search, 120)})"]
+    return []
+
+
 def host_problems(config: Config) -> list[str]:
     """What in a valid config does not fit this host (interfaces, programs, directories, TLS files).
 
@@ -712,20 +862,11 @@ def host_problems(config: Config) -> list[str]:
                 directory_ok = False
                 problems.append(f"{src}: {path}.directory: expected an existing directory (got {_show(s.directory)}: "
                                 f"{why})")
-        program = s.command[0]
         base = Path(s.directory) if s.directory else cwd
-        if "/" in program:
-            if program.startswith("/") or directory_ok:
-                why = _executable(base / program)
-                if why:
-                    problems.append(f"{src}: {path}.command: expected an executable program (got {_show(program)}: "
-                                    f"{why})")
-        else:
-            search = s.environment.get("PATH", os.environ.get("PATH", os.defpath))
-            found = any(_executable(base / (d or ".") / program) is None for d in search.split(os.pathsep))
-            if not found:
-                problems.append(f"{src}: {path}.command: expected a program found on the PATH (got {_show(program)}; "
-                                f"PATH={_show(search, 120)})")
+        commands = [(f"{path}.command", s.command)] + [(f"{path}.checks[{i}].exec", c.command)
+                                                       for i, c in enumerate(s.checks) if c.kind == "exec"]
+        for where, command in commands:
+            problems += _program_problems(src, where, command[0], base, directory_ok, s.environment)
     for key in ("ca_cert", "cert", "key"):
         name = getattr(config.etcd, key)
         if name is None:

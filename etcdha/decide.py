@@ -31,6 +31,7 @@ class Kind(enum.Enum):
     START = "start"        # VIP up + gratuitous ARP, then program start
     STOP = "stop"          # program stop, then VIP down
     RELEASE = "release"    # stop, VIP down, delete the owner key, cooldown
+    RESTART = "restart"    # failed its health checks: count the failure, stop (verified), start again
     HANDOFF = "handoff"    # planned move away: stop, VIP down, delete the owner key (the target claims)
     REQUEST_MOVE = "request-move"  # drained: ask for one of our services to move to `target`
 
@@ -45,6 +46,7 @@ class Reason(enum.Enum):
     CANDIDATE = "candidate"      # we can run it and are not yet registered
     MOVED = "moved"              # an operator asked for a planned move
     DRAINED = "drained"          # this node is drained: hand everything over
+    UNHEALTHY = "unhealthy"      # a health check failed failure_threshold times in a row
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class Facts:
     seen_owned: frozenset[str] = frozenset()  # services this agent has seen owned since it started
     startup_grace: float = 0.0  # a peer that just registered claims nothing for this long (same config assumed)
     drain_concurrency: int = 32  # moves a drained node has pending at once
+    unhealthy: frozenset[str] = frozenset()  # services whose health checks failed since their last start here
+    max_restarts: Mapping[str, int] = field(default_factory=dict)  # restarts in place before migrating
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,13 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
             elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
                 actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
                                       token=owner.token, target=move.to))
+            elif svc in f.unhealthy and program in ACTIVE and healthy:
+                # Pacemaker's on-fail=restart with a migration-threshold: restart here while the failures that
+                # still count (failure_timeout) are fewer than max_restarts, then step aside for the next candidate
+                failures = view.failures.get((svc, f.me))
+                count = failures.count(f.wall_now) if failures else 0
+                kind = Kind.RESTART if count < f.max_restarts.get(svc, 0) else Kind.RELEASE
+                actions.append(Action(kind, svc, Reason.UNHEALTHY, token=owner.token))
             elif home is not None:
                 actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token, target=home))
                 moving_away += 1

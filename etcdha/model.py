@@ -75,6 +75,11 @@ def cooldown_key(prefix: str, service: str, node: str) -> str:
     return f"{prefix}/cooldowns/{service}/{node}"
 
 
+def failures_key(prefix: str, service: str, node: str) -> str:
+    """When `service` failed its health checks on `node` (no lease: an agent restart must not forget)."""
+    return f"{prefix}/failures/{service}/{node}"
+
+
 def history_prefix(prefix: str, service: str = "") -> str:
     """Ownership transitions; kept out of snapshots and watches (see store.py), bounded in size."""
     return f"{prefix}/history/{service + '/' if service else ''}"
@@ -120,6 +125,32 @@ class NodeInfo:
     started: float = 0.0
     services: Mapping[str, str] = field(default_factory=dict)  # service -> local program state
     processes: Mapping[str, int] = field(default_factory=dict)  # service -> processes in its cgroup
+    health: Mapping[str, str] = field(default_factory=dict)  # service -> passing / failing / pending (owner only)
+
+
+FAILURES_KEPT = 100  # failure times one record keeps (more than any max_restarts)
+
+
+@dataclass(frozen=True)
+class Failures:
+    """Health-check failures of one service on one node: each counts for `timeout` seconds."""
+
+    times: tuple[float, ...] = ()  # wall clock, oldest first
+    timeout: float = 600.0
+    check: str = ""
+    output: str = ""
+
+    def count(self, now: float) -> int:
+        """Failures that still count at wall time `now` (Pacemaker's fail count after failure-timeout)."""
+        return sum(1 for t in self.times if t + self.timeout > now)
+
+    def last(self) -> float:
+        return self.times[-1] if self.times else 0.0
+
+    def add(self, when: float, timeout: float, check: str, output: str) -> "Failures":
+        """This record plus one failure; expired ones are dropped, at most FAILURES_KEPT kept."""
+        kept = tuple(t for t in self.times if t + timeout > when)[-(FAILURES_KEPT - 1):]
+        return Failures(times=kept + (when,), timeout=timeout, check=check, output=output)
 
 
 @dataclass(frozen=True)
@@ -169,6 +200,7 @@ class ClusterView:
     drained: Mapping[str, Mark] = field(default_factory=dict)
     paused: Mapping[str, Mark] = field(default_factory=dict)  # service or ALL_SERVICES -> mark
     cooldowns: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (service, node) -> until
+    failures: Mapping[tuple[str, str], Failures] = field(default_factory=dict)  # (service, node) -> failures
     problems: tuple[str, ...] = ()
 
     def live_candidates(self, service: str) -> list[Candidate]:
@@ -203,9 +235,32 @@ def encode_service(vip: Optional[str]) -> bytes:
 
 
 def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str],
-                processes: Mapping[str, int] = {}) -> bytes:  # noqa: B006 - read only
+                processes: Mapping[str, int] = {}, health: Mapping[str, str] = {}) -> bytes:  # noqa: B006 - read only
     return encode({"node": node, "lease": f"{lease:x}", "pid": pid, "started": round(started, 3),
-                   "services": dict(services), "processes": dict(processes)})
+                   "services": dict(services), "processes": dict(processes), "health": dict(health)})
+
+
+OUTPUT_BYTES = 300  # of a check's output kept in etcd (history detail, failure record)
+
+
+def encode_failures(f: Failures) -> bytes:
+    return encode({"times": [round(t, 3) for t in f.times], "timeout": f.timeout, "check": f.check,
+                   "output": f.output[-OUTPUT_BYTES:]})
+
+
+def decode_failures(kv: KV, problems: list[str]) -> Optional[Failures]:
+    """A failure record, or None (problem recorded): garbage counts as no failures."""
+    data = _json(kv, problems)
+    if data is None:
+        return None
+    times = data.get("times")
+    if not isinstance(times, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                              for t in times):
+        problems.append(f"{kv.key}: expected a list of failure times in 'times'")
+        return None
+    timeout = _num(data.get("timeout")) or 600.0
+    return Failures(times=tuple(sorted(_num(t) for t in times))[-FAILURES_KEPT:], timeout=timeout,
+                    check=str(data.get("check", ""))[:64], output=str(data.get("output", ""))[-OUTPUT_BYTES:])
 
 
 def encode_move(to: str, source: str, token: int, requested: float) -> bytes:
@@ -275,6 +330,7 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
     drained: dict[str, Mark] = {}
     paused: dict[str, Mark] = {}
     cooldowns: dict[tuple[str, str], float] = {}
+    failures: dict[tuple[str, str], Failures] = {}
     for kv in kvs:
         if not kv.key.startswith(prefix + "/"):
             continue
@@ -286,10 +342,12 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
                 continue
             states = data.get("services") if isinstance(data.get("services"), dict) else {}
             counts = data.get("processes") if isinstance(data.get("processes"), dict) else {}
+            health = data.get("health") if isinstance(data.get("health"), dict) else {}
             nodes[rest[0]] = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
                                       started=_num(data.get("started")),
                                       services={str(k): str(v) for k, v in states.items()},
-                                      processes={str(k): int(_num(v)) for k, v in counts.items()})
+                                      processes={str(k): int(_num(v)) for k, v in counts.items()},
+                                      health={str(k): str(v) for k, v in health.items()})
         elif kind == "candidates" and len(rest) == 2:
             data = _json(kv, problems)
             prio = data.get("priority") if data else None
@@ -321,6 +379,10 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
             data = _json(kv, problems)
             until = _num(data.get("until")) if data else 0.0
             cooldowns[(rest[0], rest[1])] = until or float("inf")  # garbage: cool until cleaned up
+        elif kind == "failures" and len(rest) == 2:
+            record = decode_failures(kv, problems)
+            if record is not None:
+                failures[(rest[0], rest[1])] = record
         elif kind == "owners" and len(rest) == 1:
             data = _json(kv, problems)
             node = _str(data.get("node")) if data else None
@@ -333,4 +395,4 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
     return ClusterView(revision=revision, nodes=nodes, candidates=candidates, owners=owners,
                        members=frozenset(members | set(nodes)),
                        services={**{s: None for s in candidates}, **services}, moves=moves, drained=drained,
-                       paused=paused, cooldowns=cooldowns, problems=tuple(problems))
+                       paused=paused, cooldowns=cooldowns, failures=failures, problems=tuple(problems))

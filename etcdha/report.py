@@ -42,6 +42,11 @@ def status(view: ClusterView, ttl_left: Optional[Mapping[int, int]] = None,
             # processes in the service's cgroup, per live node that has any: a non-owner here is a leftover
             "processes": {n: info.processes[name] for n, info in sorted(view.nodes.items())
                           if info.processes.get(name, 0) > 0},
+            # the owner's health checks: passing, failing, pending (start grace); null without checks
+            "health": node.health.get(name) if node else None,
+            # health-check failures that still count, per node (etcdha cleanup clears them)
+            "failures": {n: {"count": f.count(now), "last": _iso(f.last()), "check": f.check, "output": f.output}
+                         for (s, n), f in sorted(view.failures.items()) if s == name and f.count(now) > 0},
         }
     nodes: dict[str, Any] = {}
     for name in sorted(view.members):
@@ -69,15 +74,16 @@ def table(doc: dict[str, Any]) -> str:
         parts = (["PAUSED"] if s["paused"] else []) + ([f"moving to {s['moving_to']}"] if s["moving_to"] else [])
         parts += [f"cooling down on {','.join(s['cooling_down'])}"] if s["cooling_down"] else []
         parts += [f"LEFTOVER processes on {n} ({c})" for n, c in s["processes"].items() if n != s["owner"]]
+        parts += [f"{f['count']} check failure(s) on {n} ({f['check']})" for n, f in s["failures"].items()]
         return "; ".join(parts) or "-"
 
     svc_rows = [[name, s["owner"] or "-", s["state"], str(s["processes"].get(s["owner"], 0) if s["owner"] else "-"),
-                 s["vip"] or "-", str(s["fencing_token"] or "-"), s["since"] or "-", ",".join(s["candidates"]) or "-",
+                 s["health"] or "-", s["vip"] or "-", str(s["fencing_token"] or "-"), s["since"] or "-", ",".join(s["candidates"]) or "-",
                  notes(s)] for name, s in doc["services"].items()]
     node_rows = [[name, "yes" if n["alive"] else "NO", "DRAINED" if n["drained"] else "-",
                   "-" if n["lease_ttl_left"] is None else f"{n['lease_ttl_left']}s",
                   ",".join(n["owns"]) or "-", n["started"] or "-"] for name, n in doc["nodes"].items()]
-    lines = render(["SERVICE", "OWNER", "STATE", "PROCS", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
+    lines = render(["SERVICE", "OWNER", "STATE", "PROCS", "HEALTH", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
     lines += [""] + render(["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"], node_rows)
     lines += [f"problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)

@@ -382,6 +382,30 @@ class Store:
                                    timeout=self.timeout).deleted
 
     @_translate
+    def add_failure(self, service: str, node: str, when: float, timeout: float, check: str,
+                    output: str) -> model.Failures:
+        """Append one health-check failure to the record of `service` on `node`; returns the new record.
+
+        Read, then write only if the key did not change meanwhile (`etcdha cleanup` may
+        delete it at any time: a failure must not bring back the counts it cleared).
+        Noted as our change, so the next plan sees the new count.
+        """
+        key = model.failures_key(self.prefix, service, node)
+        for _ in range(5):
+            resp = self.kv.Range(etcdrpc.RangeRequest(key=key.encode()), timeout=self.timeout)
+            kvs = self._kvs(resp.kvs)
+            old = model.decode_failures(kvs[0], []) if kvs else None
+            record = (old or model.Failures()).add(when, timeout, check, output)
+            mod = kvs[0].mod_revision if kvs else 0
+            cmp = etcdrpc.Compare(key=key.encode(), target=etcdrpc.Compare.MOD, result=etcdrpc.Compare.EQUAL,
+                                  mod_revision=mod)
+            txn = self._txn([cmp], [self._put(key, model.encode_failures(record))])
+            if txn.succeeded:
+                self._note_change(txn.header.revision)
+                return record
+        raise StoreError(f"{key}: changed under every one of 5 writes")
+
+    @_translate
     def release(self, service: str, lease: int) -> bool:
         """Delete the owner key only if it still hangs on `lease` (ours); True if deleted."""
         key = model.owner_key(self.prefix, service)

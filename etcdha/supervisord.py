@@ -106,12 +106,18 @@ def program_section(service: Service, spec: Path, log_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: int) -> str:
-    """The launcher script for one start: argv, environment (with the fencing token), cgroup, parent."""
+def service_environment(service: Service, node: str, token: int) -> dict[str, str]:
+    """What etcdha adds to a program's environment (and its exec checks'): its config's, plus who and which start."""
     env = {**service.environment, "ETCDHA_SERVICE": service.name, "ETCDHA_NODE": node,
            "ETCDHA_FENCING_TOKEN": str(token)}
     if service.vip:
         env["ETCDHA_VIP"] = str(service.vip.ip)
+    return env
+
+
+def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: int) -> str:
+    """The launcher script for one start: argv, environment (with the fencing token), cgroup, parent."""
+    env = service_environment(service, node, token)
     return launch.script(service.command, env, service.directory, cgroup, parent, launch.pdeathsig_tool())
 
 

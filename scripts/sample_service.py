@@ -10,10 +10,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+STATUS = 200  # --status: what every answer says (a service that answers but is broken: 500)
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         body = f"{os.environ.get('ETCDHA_NODE', '?')} {os.environ.get('ETCDHA_FENCING_TOKEN', '?')}\n".encode()
-        self.send_response(200)
+        self.send_response(STATUS)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
@@ -53,7 +56,10 @@ def main() -> None:
                         help="also leave a detached helper (setsid, double fork) that only its cgroup holds")
     parser.add_argument("--child-ignores-term", action="store_true",
                         help="also start a child in our process group that ignores SIGTERM")
+    parser.add_argument("--status", type=int, default=200, help="answer every GET with this HTTP status")
     args = parser.parse_args()
+    global STATUS
+    STATUS = args.status
     if args.daemonize and not detach():
         os._exit(0)
     if args.orphan:

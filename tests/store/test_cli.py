@@ -138,7 +138,7 @@ def test_status_json_shape_and_lease_time_left(cluster):
     assert set(doc["services"]) == {"web", "db"}
     web = doc["services"]["web"]
     assert set(web) == {"owner", "state", "vip", "since", "fencing_token", "candidates", "paused", "moving_to",
-                        "cooling_down", "processes"}
+                        "cooling_down", "processes", "health", "failures"}
     assert web["owner"] == "a" and web["state"] == "RUNNING" and web["fencing_token"] == token
     assert web["candidates"] == ["a", "b", "c"]  # live ones, best first; e is dead
     assert web["moving_to"] == "b" and web["paused"] is False and web["cooling_down"] == ["d"]
@@ -572,15 +572,38 @@ def test_cleanup_clears_cooldowns_of_every_node_or_one(cluster):
     cluster.cool("web2", "a")  # another service whose name starts alike: untouched
     key = lambda s, n: model.cooldown_key(cluster.prefix, s, n)  # noqa: E731
 
-    assert "cleared 1 cooldown(s) of web" in ok(cluster.cli("cleanup", "web", "--node", "a"))
+    assert "cleared 1 cooldown(s) and 0 fail count(s) of web" in ok(cluster.cli("cleanup", "web", "--node", "a"))
     assert cluster.get(key("web", "a")) is None
     assert cluster.get(key("web", "b")) is not None and cluster.get(key("web", "c")) is not None
 
-    assert "cleared 2 cooldown(s) of web" in ok(cluster.cli("cleanup", "web"))
+    assert "cleared 2 cooldown(s) and 0 fail count(s) of web" in ok(cluster.cli("cleanup", "web"))
     assert cluster.get(key("web", "b")) is None and cluster.get(key("web", "c")) is None
     assert cluster.get(key("web2", "a")) is not None
     assert set(cluster.store.snapshot().cooldowns) == {("web2", "a")}
-    assert "cleared 0 cooldown(s) of web" in ok(cluster.cli("cleanup", "web"))
+    assert "cleared 0 cooldown(s) and 0 fail count(s) of web" in ok(cluster.cli("cleanup", "web"))
+
+
+def test_cleanup_clears_health_check_fail_counts_and_status_shows_them(cluster):
+    cluster.join("a", {"web": 100, "web2": 100})
+    cluster.join("b", {"web": 90})
+    now = time.time()
+    for node in ("a", "b"):
+        cluster.store.add_failure("web", node, now - 5, 600, "http", "HTTP 500: broken")
+    record = cluster.store.add_failure("web", "a", now, 600, "http", "HTTP 500: broken")
+    assert record.count(now) == 2
+    cluster.store.add_failure("web2", "a", now, 600, "tcp", "refused")  # a service whose name starts alike
+    failures = json.loads(ok(cluster.cli("status", "--json")))["services"]["web"]["failures"]
+    assert {n: f["count"] for n, f in failures.items()} == {"a": 2, "b": 1}
+    assert failures["a"]["check"] == "http" and failures["a"]["output"] == "HTTP 500: broken"
+    assert "2 check failure(s) on a (http)" in ok(cluster.cli("status"))
+
+    assert "cleared 0 cooldown(s) and 1 fail count(s) of web" in ok(cluster.cli("cleanup", "web", "--node", "b"))
+    assert set(cluster.store.snapshot().failures) == {("web", "a"), ("web2", "a")}
+    assert "cleared 0 cooldown(s) and 1 fail count(s) of web" in ok(cluster.cli("cleanup", "web"))
+    assert set(cluster.store.snapshot().failures) == {("web2", "a")}
+    # counting again after a cleanup starts from nothing: the cleared failures do not come back
+    assert cluster.store.add_failure("web", "a", time.time(), 600, "http", "x").times == (pytest.approx(time.time(),
+                                                                                                       abs=5),)
 
 
 def test_cleanup_of_an_unknown_service_is_a_usage_error(cluster):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from etcdha import report
-from etcdha.model import UNKNOWN_OWNER, Candidate, ClusterView, NodeInfo, Owner
+from etcdha.model import UNKNOWN_OWNER, Candidate, ClusterView, Failures, NodeInfo, Owner
 
 pytestmark = pytest.mark.unit
 
@@ -52,7 +52,29 @@ def test_status_owned_service():
         "moving_to": None,
         "cooling_down": [],
         "processes": {"a": 3},  # b's empty cgroup is not listed
+        "health": None,  # no checks configured
+        "failures": {},
     }
+
+
+def test_status_health_and_failures_that_still_count():
+    now = T0 + 1000
+    base = cluster()
+    view = ClusterView(
+        revision=5, nodes={"a": NodeInfo(node="a", lease=0xA1, services={"web": "RUNNING"}, health={"web": "failing"})},
+        candidates=base.candidates, owners=base.owners, members=base.members, services=base.services,
+        failures={("web", "a"): Failures(times=(now - 700, now - 30), timeout=600, check="http",
+                                         output="HTTP 500: broken"),
+                  ("web", "b"): Failures(times=(now - 900,), timeout=600, check="tcp", output="refused")})
+    doc = report.status(view, now=now)
+    web = doc["services"]["web"]
+    assert web["health"] == "failing"
+    # the failure 700 s ago no longer counts (failure_timeout 600); b's only one expired: not listed
+    assert web["failures"] == {"a": {"count": 1, "last": report._iso(now - 30), "check": "http",
+                                     "output": "HTTP 500: broken"}}
+    row = next(line.split() for line in report.table(doc).splitlines() if line.startswith("web "))
+    assert row[:5] == ["web", "a", "RUNNING", "0", "failing"]
+    assert "1 check failure(s) on a (http)" in " ".join(row)
 
 
 def test_status_vacant_services():
@@ -103,12 +125,13 @@ def test_empty_view():
 def test_table_contains_rows():
     text = report.table(report.status(cluster()))
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "PROCS", "VIP", "TOKEN", "SINCE", "CANDIDATES",
-                                "NOTES"]
+    assert lines[0].split() == ["SERVICE", "OWNER", "STATE", "PROCS", "HEALTH", "VIP", "TOKEN", "SINCE",
+                                "CANDIDATES", "NOTES"]
     rows = {line.split()[0]: line.split() for line in lines if line}
-    assert rows["web"] == ["web", "a", "RUNNING", "3", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b", "-"]
-    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "-", "b", "-"]
-    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-", "-"]
+    assert rows["web"] == ["web", "a", "RUNNING", "3", "-", "198.18.0.100/24", "57", "2023-11-14T22:13:25Z", "a,b",
+                           "-"]
+    assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "-", "-", "b", "-"]
+    assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-", "-", "-"]
     assert rows["NODE"] == ["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"]
     assert rows["a"] == ["a", "yes", "-", "-", "web", "2023-11-14T22:13:20Z"]
     assert rows["c"] == ["c", "NO", "-", "-", "-", "-"]
