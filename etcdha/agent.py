@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from etcdha import decide, health, model
+from etcdha import decide, events, health, model
 from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 # claims (or handoffs) in flight at once: a cold start or a takeover of hundreds of services waits for
 # one etcd round trip per CLAIM_WORKERS claims instead of one per claim; a drain stops as many at once
 CLAIM_WORKERS = 8
+
+
+def log_event(event: model.Event) -> None:
+    """The log's copy of every transition: one line, greppable as `event:`."""
+    log.info("event: %s %s (%s)%s%s", event.event, event.service, event.reason,
+             f" token={event.token}" if event.token else "", f": {event.detail}" if event.detail else "")
 
 
 def sd_notify(message: str) -> None:
@@ -63,6 +69,17 @@ class Agent:
                                     on_change=self.wake.set, clock=clock)
         self.starts: dict[str, tuple[int, float]] = {}  # service -> (token, monotonic time) of our last start
         self.history = HistoryWriter(self.store, config.history_size)
+        self.hook = (events.Hook(config.notify_command, config.notify_timeout,
+                                 self.hands.cgroups.services_dir / "_hooks")
+                     if config.notify_command else None)
+        self.events = events.Events(config.node, [self.history.record, log_event] + ([self.hook] if self.hook else []))
+        node_checks = config.node_checks + (health.carrier_checks([i for i, _ in config.vips])
+                                            if config.track_interfaces else ())
+        self.node_prober = health.Prober({health.NODE: health.node_service(node_checks)},
+                                         self.hands.cgroups.services_dir / health.CHECKS_DIR,
+                                         lambda service, token: {**os.environ, "ETCDHA_NODE": config.node},
+                                         on_change=self.wake.set, clock=clock)
+        self.node_unhealthy = ""  # why a node check fails, as published; "" while they pass
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
         self.cgroup_events = None  # wakes us when a service's cgroup empties (a crash) or fills
@@ -140,6 +157,7 @@ class Agent:
                 return 0
             self.watcher = self.store.informer(self.wake.set)
             self.watcher.start()
+            self.node_prober.track({health.NODE: (0, self.clock())}, frozenset({health.NODE}))
             self.cgroup_events = self.hands.cgroups.watch(self.wake.set)
             while not self.stopping.is_set():
                 try:
@@ -243,6 +261,7 @@ class Agent:
         log.info("shutting down: stopping services and handing them over")
         sd_notify("STOPPING=1")
         self.prober.stop()
+        self.node_prober.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.cgroup_events is not None:
@@ -250,6 +269,7 @@ class Agent:
         empty = self.hands.stop_all() or self.hands.fence_now()
         if empty:
             for service, token in self.owned.items():
+                self.record(service, "stopped", "agent stopped", token)
                 self.record(service, "released", "agent stopped", token)
         if self.lease is not None and not empty:
             self.lease.stop()
@@ -262,6 +282,8 @@ class Agent:
                 log.warning("could not revoke the lease (others take over after its TTL): %s", exc)
         elif self.lease is not None:
             self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
+        if self.hook is not None:
+            self.hook.close()  # before the fence's quit, which checks that nothing of ours is left
         self.hands.shutdown()
         self.workers.shutdown(wait=True)
         self.history.close()
@@ -301,6 +323,7 @@ class Agent:
         for r in self.prober.recovered():
             self.record(r.service, "recovered", "checks pass", r.token, f"{r.check}: {r.output}")
         unhealthy = self.prober.unhealthy()
+        self.node_health()
         facts = decide.Facts(
             me=self.config.node, lease=self.lease.id, lease_state=state, now=now,
             priorities=self.priorities(), programs=local.programs, processes=local.processes,
@@ -311,7 +334,8 @@ class Agent:
             candidate_since=dict(self.candidate_since), startup_grace=self.config.startup_grace,
             seen_owned=frozenset(self.seen_owned),
             drain_concurrency=self.config.drain_concurrency, unhealthy=frozenset(unhealthy),
-            max_restarts={n: s.max_restarts for n, s in self.config.services.items()})
+            max_restarts={n: s.max_restarts for n, s in self.config.services.items()},
+            node_unhealthy=bool(self.node_unhealthy))
         plan = decide.plan(view, facts)
         if plan.actions:
             log.info("plan at revision %s: %s", view.revision if view else "?", plan)
@@ -342,6 +366,18 @@ class Agent:
         wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
                                                                                self.config.reconcile_interval)
         self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
+
+    def node_health(self) -> None:
+        """Follow the node checks: while one fails this node hands over and claims nothing (decide), and says why."""
+        failing = self.node_prober.unhealthy().get(health.NODE)
+        why = f"{failing[0]}: {failing[1]}" if failing else ""
+        if why and not self.node_unhealthy:
+            log.warning("node check %s: handing services over and claiming nothing until it passes", why)
+            self.record(events.NODE_EVENTS, "node-unhealthy", failing[0], detail=why)
+        elif not why and self.node_unhealthy:
+            log.info("node checks pass again: this node is a candidate again")
+            self.record(events.NODE_EVENTS, "node-healthy", "checks pass", detail=self.node_unhealthy)
+        self.node_unhealthy = why
 
     def lost(self) -> bool:
         """If the fence has fired or the lease is gone, recover (True); nothing else may run then."""
@@ -412,7 +448,7 @@ class Agent:
     def node_value(self, programs: dict[str, str], processes: Optional[dict[str, int]] = None,
                    checks: Optional[dict[str, str]] = None) -> bytes:
         return model.encode_node(self.config.node, self.lease.id if self.lease else 0, os.getpid(),
-                                 self.started, programs, processes or {}, checks or {})
+                                 self.started, programs, processes or {}, checks or {}, self.node_unhealthy)
 
     def execute(self, action: Action) -> bool:
         """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
@@ -461,6 +497,7 @@ class Agent:
                     self.claimed.append((service.name, token))
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
+                self.record(service.name, "stopped", action.reason.value)
             elif action.kind is Kind.RESTART:
                 self.restart(service, action.token)
             elif action.kind is Kind.RELEASE:
@@ -471,6 +508,7 @@ class Agent:
             elif action.kind is Kind.HANDOFF:
                 self.prober.forget(service.name)
                 self.hands.stop(service)  # raises unless the cgroup is empty and the VIP gone
+                self.record(service.name, "stopped", action.reason.value, action.token)
                 if self.store.release(service.name, lease):
                     log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
                     self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}")
@@ -514,6 +552,7 @@ class Agent:
         for a in ours:
             if a.service not in failed:
                 self.starts[a.service] = (a.token, started)
+                self.record(a.service, "started", a.reason.value, a.token)
         for a in ours:
             if a.service in failed:
                 log.error("%s failed: %s", a, failed[a.service])
@@ -538,9 +577,8 @@ class Agent:
         return "supervisord reports FATAL"
 
     def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
-        """Append to the service's history in etcd, in the background: best effort, never blocks a decision."""
-        self.history.record(model.Event(service=service, time=time.time(), node=self.config.node, event=event,
-                                        reason=reason, token=token, detail=detail))
+        """One transition to every subscriber: history in etcd, the notification hook, the log. Never blocks."""
+        self.events.emit(service, event, reason, token, detail)
 
     def count_failure(self, service: Service, token: int) -> model.Failures:
         """A failed health check, counted in etcd (raises StoreError: then we do nothing yet) and recorded."""
@@ -558,6 +596,7 @@ class Agent:
         count = self.count_failure(service, token).count(time.time())
         self.prober.restarting(service.name)
         self.hands.stop(service)
+        self.record(service.name, "stopped", "unhealthy", token)
         self.claimed.append((service.name, token))  # started in this cycle's batch, after a check of the owner key
         self.record(service.name, "restarted", "unhealthy", token,
                     f"restart {count} of at most {service.max_restarts} within {service.failure_timeout:g}s")
@@ -570,6 +609,7 @@ class Agent:
         """
         self.prober.forget(service.name)
         self.hands.stop(service)
+        self.record(service.name, "stopped", event, token)
         prefix, me = self.config.etcd.prefix, self.config.node
         until = time.time() + self.config.failure_cooldown
         try:
@@ -589,12 +629,12 @@ class Agent:
         states = {s: local.programs.get(s, "STOPPED") for s in self.config.services}
         processes = {s: local.processes.get(s, 0) for s in self.config.services}
         checks = self.prober.health()
-        if ({"states": states, "processes": processes, "health": checks} == self.published
-                and self.config.node in view.nodes):
+        now = {"states": states, "processes": processes, "health": checks, "unhealthy": self.node_unhealthy}
+        if now == self.published and self.config.node in view.nodes:
             return
         try:
             self.store.put(model.node_key(self.config.etcd.prefix, self.config.node),
                            self.node_value(states, processes, checks), self.lease.id)
-            self.published = {"states": states, "processes": processes, "health": checks}
+            self.published = now
         except StoreError as exc:
             log.debug("publishing status: %s", exc)

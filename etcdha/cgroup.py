@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from etcdha.errors import ActuatorError, ConfigError
 
@@ -146,6 +146,27 @@ def kill(group: Path) -> None:
             raise
     except OSError as exc:
         raise ContainmentError(f"cannot kill cgroup {group}: {exc.strerror}") from None
+
+
+def contained(group: Path, argv: Sequence[str]) -> list[str]:
+    """argv wrapped so the process enters `group` (created if missing) before `argv` runs: exit 126 if it cannot.
+
+    For helpers the agent runs itself (exec checks, notification hooks): whatever they
+    fork stays in `group`, so one `empty` kills all of it.
+    """
+    group.mkdir(parents=True, exist_ok=True)
+    return ["/bin/sh", "-c", 'echo $$ >"$0" || exit 126; exec "$@"', str(group / "cgroup.procs"), *argv]
+
+
+def empty(group: Path, timeout: float = 5.0) -> bool:
+    """Kill whatever is left in `group` and wait for it to be gone; True if it is empty. Never raises."""
+    try:
+        if populated(group):
+            kill(group)
+            return wait_empty(group, timeout)
+    except (OSError, ActuatorError):
+        return False
+    return True
 
 
 def signal_all(group: Path, sig: int) -> int:

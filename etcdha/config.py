@@ -144,6 +144,10 @@ class Config:
     run_dir: Path = Path("/run/etcdha/default")
     source: str = "<config>"
     cgroup_root: Optional[Path] = None  # None: the agent finds its own cgroup
+    node_checks: tuple[Check, ...] = ()  # while one fails, this node hands its services over and claims nothing
+    track_interfaces: bool = True  # a VIP interface without carrier makes this node unhealthy too
+    notify_command: tuple[str, ...] = ()  # run once per transition, with the event in its environment
+    notify_timeout: float = 10.0
 
     @property
     def vips(self) -> tuple[tuple[str, str], ...]:
@@ -493,6 +497,22 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
                    failure_timeout=float(failure_timeout))
 
 
+def _notify(data: Any, r: _Reader) -> tuple[tuple[str, ...], float]:
+    """notify: {command: COMMAND, timeout: S} -> (argv, timeout); () when absent."""
+    if data is None:
+        return (), 10.0
+    if r.mapping(data, "notify") is None:
+        return (), 10.0
+    r.unknown_keys(data, {"command", "timeout"}, "notify.")
+    command: tuple[str, ...] = ()
+    if "command" not in data:
+        r.error("notify.command", "a command to run for every transition")
+    else:
+        command = parse_command(data["command"], "notify.command", r) or ()
+    timeout = r.number(data, "timeout", "notify.", 10.0, 0.1, 3600)
+    return command, float(timeout or 10.0)
+
+
 def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
     before = len(r.errors)
     data = r.mapping({} if data is None else data, "etcd")
@@ -544,7 +564,7 @@ def _run_dir(value: Any, r: _Reader) -> Optional[str]:
 
 TOP_KEYS = {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin", "reconcile_interval", "claim_delay",
             "startup_grace", "failure_cooldown", "run_dir", "move_timeout", "history_size", "cgroup_root",
-            "drain_concurrency",
+            "drain_concurrency", "node_checks", "track_interfaces", "notify",
             "services"}
 
 
@@ -612,6 +632,11 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
             if other != s.name:
                 r.error(f"services.{s.name}.vip", f"an address not already used by service {other!r}", str(s.vip))
 
+    node_checks = _checks(data.get("node_checks"), "node_checks", r)
+    track = data.get("track_interfaces", True)
+    if not isinstance(track, bool):
+        r.error("track_interfaces", "true or false", track)
+    notify_command, notify_timeout = _notify(data.get("notify"), r)
     run_dir = _run_dir(data["run_dir"], r) if data.get("run_dir") is not None else f"/run/etcdha/{node}"
     cgroup_root = None
     if data.get("cgroup_root") is not None:
@@ -623,7 +648,8 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
         fence_margin=float(margin), reconcile_interval=float(reconcile), claim_delay=float(claim_delay),
         startup_grace=float(grace), failure_cooldown=float(cooldown), move_timeout=move_timeout,
         history_size=history_size, drain_concurrency=drain_concurrency, run_dir=Path(run_dir), source=r.source,
-        cgroup_root=None if cgroup_root is None else Path(cgroup_root),
+        cgroup_root=None if cgroup_root is None else Path(cgroup_root), node_checks=node_checks,
+        track_interfaces=bool(track), notify_command=notify_command, notify_timeout=notify_timeout,
     )
 
 
@@ -867,6 +893,10 @@ def host_problems(config: Config) -> list[str]:
                                                        for i, c in enumerate(s.checks) if c.kind == "exec"]
         for where, command in commands:
             problems += _program_problems(src, where, command[0], base, directory_ok, s.environment)
+    others = [(f"node_checks[{i}].exec", c.command) for i, c in enumerate(config.node_checks) if c.kind == "exec"]
+    others += [("notify.command", config.notify_command)] if config.notify_command else []
+    for where, command in others:
+        problems += _program_problems(src, where, command[0], cwd, True, {})
     for key in ("ca_cert", "cert", "key"):
         name = getattr(config.etcd, key)
         if name is None:

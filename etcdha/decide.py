@@ -47,6 +47,7 @@ class Reason(enum.Enum):
     MOVED = "moved"              # an operator asked for a planned move
     DRAINED = "drained"          # this node is drained: hand everything over
     UNHEALTHY = "unhealthy"      # a health check failed failure_threshold times in a row
+    NODE_UNHEALTHY = "node-unhealthy"  # a node check fails here (or a VIP interface lost carrier): hand over
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Facts:
     drain_concurrency: int = 32  # moves a drained node has pending at once
     unhealthy: frozenset[str] = frozenset()  # services whose health checks failed since their last start here
     max_restarts: Mapping[str, int] = field(default_factory=dict)  # restarts in place before migrating
+    node_unhealthy: bool = False  # a node check fails here: behave as drained until it passes
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,9 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
     actions: list[Action] = []
     wakes: list[float] = []
     healthy = f.lease_state is LeaseState.OK
-    drained = f.me in view.drained
+    # an unhealthy node behaves as drained (hands over, claims nothing) and is no one's candidate (view.eligible)
+    drained = f.me in view.drained or f.node_unhealthy
+    away = Reason.DRAINED if f.me in view.drained else Reason.NODE_UNHEALTHY
     # a drained node moves up to drain_concurrency services at once (each a full stop and start elsewhere)
     moving_away = sum(1 for m in view.moves.values() if m.source == f.me)
     for svc in sorted(f.priorities):
@@ -182,7 +186,7 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
             elif program == "FATAL":
                 actions.append(Action(Kind.RELEASE, svc, Reason.FAILED, token=owner.token))
             elif move is not None and move.source == f.me and move.token == owner.token and move.to != f.me:
-                actions.append(Action(Kind.HANDOFF, svc, Reason.DRAINED if drained else Reason.MOVED,
+                actions.append(Action(Kind.HANDOFF, svc, away if drained else Reason.MOVED,
                                       token=owner.token, target=move.to))
             elif svc in f.unhealthy and program in ACTIVE and healthy:
                 # Pacemaker's on-fail=restart with a migration-threshold: restart here while the failures that
@@ -192,7 +196,7 @@ def plan(view: Optional[ClusterView], f: Facts) -> Plan:
                 kind = Kind.RESTART if count < f.max_restarts.get(svc, 0) else Kind.RELEASE
                 actions.append(Action(kind, svc, Reason.UNHEALTHY, token=owner.token))
             elif home is not None:
-                actions.append(Action(Kind.REQUEST_MOVE, svc, Reason.DRAINED, token=owner.token, target=home))
+                actions.append(Action(Kind.REQUEST_MOVE, svc, away, token=owner.token, target=home))
                 moving_away += 1
             elif healthy and (program not in ACTIVE or (svc in f.with_vip and svc not in f.vips_up
                                                           and program != "STOPPING")):
@@ -258,6 +262,8 @@ def move_target(view: ClusterView, service: str, requested: Optional[str],
                       f"after a failure: etcdha cleanup {service})")
     if requested in view.drained:
         return None, f"{requested} is drained (etcdha undrain {requested} first)"
+    if view.nodes[requested].unhealthy:
+        return None, f"{requested} is unhealthy: {view.nodes[requested].unhealthy}"
     if requested not in fine:
         return None, (f"{requested} is cooling down after {service} failed there "
                       f"(etcdha cleanup {service} --node {requested})")

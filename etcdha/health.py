@@ -14,10 +14,12 @@ a decision, in `decide`.
 from __future__ import annotations
 
 import enum
+import fcntl
 import http.client
 import logging
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -36,6 +38,8 @@ BODY_BYTES = 64 * 1024  # of an http answer read for expect_body
 OUTPUT_CHARS = 300      # of a probe's output kept (history, status)
 WORKERS = 16            # probes running at once on one node
 CHECKS_DIR = "_checks"  # under the services cgroup: the fence's kill reaches exec checks too
+NODE = "_node"  # the pseudo-service carrying the node checks (no service name starts with '_')
+SIOCGIFFLAGS, IFF_UP, IFF_RUNNING = 0x8913, 0x1, 0x40
 
 
 @dataclass(frozen=True)
@@ -126,15 +130,41 @@ def probe_tcp(check: Check) -> Outcome:
         return Outcome(False, _clip(f"connect to {check.target}: {exc.strerror or exc or 'timed out'}"))
 
 
+def probe_carrier(check: Check) -> Outcome:
+    """The interface is up and has carrier (IFF_RUNNING: the kernel's operational state), like keepalived's
+    track_interface. Read in the agent's own network namespace."""
+    name = check.target
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            raw = fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, struct.pack("16sH14x", name.encode()[:15], 0))
+    except OSError as exc:
+        return Outcome(False, _clip(f"{name}: {exc.strerror or exc}"))
+    flags = struct.unpack_from("H", raw, 16)[0]
+    if not flags & IFF_UP:
+        return Outcome(False, f"{name} is down")
+    if not flags & IFF_RUNNING:
+        return Outcome(False, f"{name} has no carrier")
+    return Outcome(True, f"{name} is up with carrier")
+
+
+def carrier_checks(interfaces: "list[str]") -> tuple[Check, ...]:
+    """One carrier check per interface: every 0.5 s, two results in a row to change (a flap is not a move)."""
+    return tuple(Check(f"carrier-{name}", "carrier", target=name, interval=0.5, timeout=0.5, failure_threshold=2,
+                       success_threshold=2) for name in sorted(set(interfaces)))
+
+
+def node_service(checks: "tuple[Check, ...]") -> Service:
+    """The node checks as the checks of a pseudo-service, so one Prober runs them like any other."""
+    return Service(name=NODE, command=("true",), checks=checks)
+
+
 def probe_exec(check: Check, env: Mapping[str, str], directory: Optional[str], group: Path) -> Outcome:
     """Run the command in a cgroup of its own; exit 0 is healthy. At the timeout, the whole cgroup is killed.
 
     Whatever the command leaves behind is killed too, so a check never accumulates processes.
     """
-    group.mkdir(parents=True, exist_ok=True)
-    argv = ["/bin/sh", "-c", 'echo $$ >"$0" || exit 126; exec "$@"', str(group / "cgroup.procs"), *check.command]
     try:
-        proc = subprocess.Popen(argv, cwd=directory or None, env=dict(env), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cgroup.contained(group, check.command), cwd=directory or None, env=dict(env), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         return Outcome(False, _clip(f"cannot run {check.command[0]}: {exc.strerror or exc}"))
@@ -143,13 +173,14 @@ def probe_exec(check: Check, env: Mapping[str, str], directory: Optional[str], g
         out, _ = proc.communicate(timeout=check.timeout)
     except subprocess.TimeoutExpired:
         timed_out = proc.poll() is None  # exited, but something it started holds the output open: not a hang
-        _kill(group)
+        cgroup.empty(group)
         try:
             out, _ = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:  # survives SIGKILL (D state): leave it to the fence
             proc.kill()
             out = b""
-    _kill(group)
+    if not cgroup.empty(group):
+        log.warning("check %s: processes it started survive SIGKILL in %s", check.name, group)
     text = out[-4096:].decode("utf-8", "replace").strip()
     if timed_out:
         return Outcome(False, _clip(f"timed out after {check.timeout:g}s (killed): {text}"))
@@ -157,15 +188,6 @@ def probe_exec(check: Check, env: Mapping[str, str], directory: Optional[str], g
     if code == 0:
         return Outcome(True, _clip(text or "exit 0"))
     return Outcome(False, _clip(f"exit {code}: {text}" if code > 0 else f"killed by signal {-code}: {text}"))
-
-
-def _kill(group: Path) -> None:
-    try:
-        if cgroup.populated(group):
-            cgroup.kill(group)
-            cgroup.wait_empty(group, 5.0)
-    except OSError as exc:
-        log.warning("cannot empty the check cgroup %s: %s", group, exc)
 
 
 # ---- the prober ------------------------------------------------------------------------------------
@@ -321,6 +343,8 @@ class Prober:
                 return probe_http(check)
             if check.kind == "tcp":
                 return probe_tcp(check)
+            if check.kind == "carrier":
+                return probe_carrier(check)
             return probe_exec(check, {**self.environment(service, token), "ETCDHA_CHECK": check.name},
                               service.directory, self.checks_dir / service.name / check.name)
         except Exception as exc:  # noqa: BLE001 - a probe's own bug is a failed check, never a dead prober
@@ -344,8 +368,8 @@ class Prober:
         changed = state.record(outcome)
         check = state.check
         if not outcome.ok:
-            log.warning("check %s of %s failed (%d of %d in a row): %s", check.name, name, state.failures,
-                        check.failure_threshold, outcome.output)
+            log.warning("check %s of %s failed (%d in a row, failure_threshold %d): %s", check.name, name,
+                        state.failures, check.failure_threshold, outcome.output)
         if changed is Health.FAILING:
             self._recovering.add(name)  # the agent records the failure when it acts on it
         elif changed is Health.PASSING and name in self._recovering and all(

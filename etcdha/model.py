@@ -126,6 +126,7 @@ class NodeInfo:
     services: Mapping[str, str] = field(default_factory=dict)  # service -> local program state
     processes: Mapping[str, int] = field(default_factory=dict)  # service -> processes in its cgroup
     health: Mapping[str, str] = field(default_factory=dict)  # service -> passing / failing / pending (owner only)
+    unhealthy: str = ""  # why a node check fails ("" while they pass): the node hands over and claims nothing
 
 
 FAILURES_KEPT = 100  # failure times one record keeps (more than any max_restarts)
@@ -209,8 +210,9 @@ class ClusterView:
         return sorted(found, key=lambda c: (-c.priority, c.node))
 
     def eligible(self, service: str) -> list[Candidate]:
-        """Live candidates that are not drained: who may take `service`, best first."""
-        return [c for c in self.live_candidates(service) if c.node not in self.drained]
+        """Live candidates that are neither drained nor unhealthy: who may take `service`, best first."""
+        return [c for c in self.live_candidates(service)
+                if c.node not in self.drained and not self.nodes[c.node].unhealthy]
 
     def is_paused(self, service: str) -> bool:
         return service in self.paused or ALL_SERVICES in self.paused
@@ -235,9 +237,11 @@ def encode_service(vip: Optional[str]) -> bytes:
 
 
 def encode_node(node: str, lease: int, pid: int, started: float, services: Mapping[str, str],
-                processes: Mapping[str, int] = {}, health: Mapping[str, str] = {}) -> bytes:  # noqa: B006 - read only
+                processes: Mapping[str, int] = {}, health: Mapping[str, str] = {},  # noqa: B006 - read only
+                unhealthy: str = "") -> bytes:
     return encode({"node": node, "lease": f"{lease:x}", "pid": pid, "started": round(started, 3),
-                   "services": dict(services), "processes": dict(processes), "health": dict(health)})
+                   "services": dict(services), "processes": dict(processes), "health": dict(health),
+                   "unhealthy": unhealthy})
 
 
 OUTPUT_BYTES = 300  # of a check's output kept in etcd (history detail, failure record)
@@ -347,7 +351,8 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
                                       started=_num(data.get("started")),
                                       services={str(k): str(v) for k, v in states.items()},
                                       processes={str(k): int(_num(v)) for k, v in counts.items()},
-                                      health={str(k): str(v) for k, v in health.items()})
+                                      health={str(k): str(v) for k, v in health.items()},
+                                      unhealthy=str(data.get("unhealthy") or "")[:OUTPUT_BYTES])
         elif kind == "candidates" and len(rest) == 2:
             data = _json(kv, problems)
             prio = data.get("priority") if data else None

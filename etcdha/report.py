@@ -58,6 +58,7 @@ def status(view: ClusterView, ttl_left: Optional[Mapping[int, int]] = None,
             "lease": f"{info.lease:x}" if info else None,
             "owns": sorted(s for s, o in view.owners.items() if o.node == name),
             "drained": name in view.drained,
+            "unhealthy": (info.unhealthy or None) if info else None,  # why a node check fails
             "lease_ttl_left": ttl_left.get(info.lease) if info else None,
             "processes": {s: n for s, n in sorted(info.processes.items()) if n > 0} if info else {},
         }
@@ -81,10 +82,12 @@ def table(doc: dict[str, Any]) -> str:
                  s["health"] or "-", s["vip"] or "-", str(s["fencing_token"] or "-"), s["since"] or "-", ",".join(s["candidates"]) or "-",
                  notes(s)] for name, s in doc["services"].items()]
     node_rows = [[name, "yes" if n["alive"] else "NO", "DRAINED" if n["drained"] else "-",
+                  "UNHEALTHY" if n["unhealthy"] else "-",
                   "-" if n["lease_ttl_left"] is None else f"{n['lease_ttl_left']}s",
                   ",".join(n["owns"]) or "-", n["started"] or "-"] for name, n in doc["nodes"].items()]
     lines = render(["SERVICE", "OWNER", "STATE", "PROCS", "HEALTH", "VIP", "TOKEN", "SINCE", "CANDIDATES", "NOTES"], svc_rows)
-    lines += [""] + render(["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"], node_rows)
+    lines += [""] + render(["NODE", "ALIVE", "DRAINED", "HEALTH", "LEASE", "OWNS", "STARTED"], node_rows)
+    lines += [f"node {name} is unhealthy: {n['unhealthy']}" for name, n in doc["nodes"].items() if n["unhealthy"]]
     lines += [f"problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)
 

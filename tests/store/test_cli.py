@@ -148,14 +148,15 @@ def test_status_json_shape_and_lease_time_left(cluster):
 
     assert set(doc["nodes"]) == {"a", "b", "c", "d", "e"}
     for name, n in doc["nodes"].items():
-        assert set(n) == {"alive", "drained", "lease_ttl_left", "pid", "started", "lease", "owns", "processes"}
+        assert set(n) == {"alive", "drained", "unhealthy", "lease_ttl_left", "pid", "started", "lease", "owns",
+                          "processes"}
     a = doc["nodes"]["a"]
     assert a["alive"] is True and a["owns"] == ["web"] and a["lease"] == f"{cluster.leases['a']:x}"
     assert isinstance(a["lease_ttl_left"], int) and 0 < a["lease_ttl_left"] <= LEASE_TTL
     assert doc["nodes"]["c"]["drained"] is True and doc["nodes"]["a"]["drained"] is False
     e = doc["nodes"]["e"]
-    assert e == {"alive": False, "drained": False, "lease_ttl_left": None, "pid": None, "started": None,
-                 "lease": None, "owns": [], "processes": {}}
+    assert e == {"alive": False, "drained": False, "unhealthy": None, "lease_ttl_left": None, "pid": None,
+                 "started": None, "lease": None, "owns": [], "processes": {}}
 
 
 def test_status_json_counts_garbage_intents_and_lists_them_as_problems(cluster):

@@ -126,3 +126,41 @@ def test_a_pending_move_wins_over_a_restart():
 def test_a_fatal_program_is_released_as_failed_not_restarted():
     p = decide.plan(mine(), facts(programs={"web": "FATAL"}, unhealthy=frozenset({"web"}), max_restarts={"web": 3}))
     assert kinds(p) == [(Kind.RELEASE, "web", Reason.FAILED)]
+
+
+# ---- node health: an unhealthy node behaves as drained, and nobody counts on it -------------------
+
+def sick(view_, node: str, why: str = "flag: exit 1"):
+    from dataclasses import replace
+    return replace(view_, nodes={**view_.nodes, node: replace(view_.nodes[node], unhealthy=why)})
+
+
+def test_an_unhealthy_node_requests_moves_away_with_its_own_reason():
+    v = mine()
+    p = decide.plan(v, facts(programs={"web": "RUNNING"}, node_unhealthy=True))
+    assert [(a.kind, a.reason, a.target) for a in p.actions] == [(Kind.REQUEST_MOVE, Reason.NODE_UNHEALTHY, "a")]
+
+
+def test_an_unhealthy_node_hands_over_when_its_move_exists_and_claims_nothing():
+    from etcdha.model import Move
+    v = mine(moves={"web": Move(service="web", to="a", source=ME, token=42)})
+    p = decide.plan(v, facts(programs={"web": "RUNNING"}, node_unhealthy=True))
+    assert kinds(p) == [(Kind.HANDOFF, "web", Reason.NODE_UNHEALTHY)]
+    vacant = view(candidates={"web": {"b": 300}})
+    assert decide.plan(vacant, facts(now=1000.0, vacant_since={"web": 0.0}, node_unhealthy=True)).actions == ()
+
+
+def test_an_unhealthy_node_keeps_a_service_nobody_else_can_run():
+    v = view(candidates={"web": {"b": 100}}, owners={"web": Owner(node=ME, lease=MY_LEASE, token=42)})
+    p = decide.plan(v, facts(programs={"web": "RUNNING"}, node_unhealthy=True))
+    assert p.actions == ()
+
+
+def test_other_nodes_skip_an_unhealthy_node_in_ranks_homes_and_moves():
+    v = sick(view(candidates={"web": {"a": 300, "b": 100}}), "a")
+    assert [c.node for c in v.eligible("web")] == [ME]
+    assert decide.claim_rank(v, "web", ME) == 0
+    owned = sick(view(candidates={"web": {"a": 300, "b": 100, "c": 50}},
+                      owners={"web": Owner(node="c", lease=0xC1, token=5)}), "a")
+    assert decide.move_target(owned, "web", None, 0.0) == (ME, None)
+    assert decide.move_target(owned, "web", "a", 0.0) == (None, "a is unhealthy: flag: exit 1")

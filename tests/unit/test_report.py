@@ -89,10 +89,11 @@ def test_status_vacant_services():
 def test_status_nodes_alive_and_dead():
     nodes = report.status(cluster())["nodes"]
     assert nodes["a"] == {"alive": True, "pid": 4242, "started": "2023-11-14T22:13:20Z", "lease": "a1",
-                          "owns": ["web"], "drained": False, "lease_ttl_left": None, "processes": {"web": 3}}
+                          "owns": ["web"], "drained": False, "unhealthy": None, "lease_ttl_left": None,
+                          "processes": {"web": 3}}
     assert nodes["b"]["alive"] is True and nodes["b"]["owns"] == []
     assert nodes["c"] == {"alive": False, "pid": None, "started": None, "lease": None, "owns": [],
-                          "drained": False, "lease_ttl_left": None, "processes": {}}
+                          "drained": False, "unhealthy": None, "lease_ttl_left": None, "processes": {}}
 
 
 def test_owner_on_dead_node_state_unknown():
@@ -132,9 +133,9 @@ def test_table_contains_rows():
                            "-"]
     assert rows["db"] == ["db", "-", "STOPPED", "-", "-", "-", "-", "-", "b", "-"]
     assert rows["idle"] == ["idle", "-", "STOPPED", "-", "-", "-", "-", "-", "-", "-"]
-    assert rows["NODE"] == ["NODE", "ALIVE", "DRAINED", "LEASE", "OWNS", "STARTED"]
-    assert rows["a"] == ["a", "yes", "-", "-", "web", "2023-11-14T22:13:20Z"]
-    assert rows["c"] == ["c", "NO", "-", "-", "-", "-"]
+    assert rows["NODE"] == ["NODE", "ALIVE", "DRAINED", "HEALTH", "LEASE", "OWNS", "STARTED"]
+    assert rows["a"] == ["a", "yes", "-", "-", "-", "web", "2023-11-14T22:13:20Z"]
+    assert rows["c"] == ["c", "NO", "-", "-", "-", "-", "-"]
     assert "problem: /etcdha/nodes/z: value is not JSON: b'x'" in lines
 
 
