@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from etcdha import netlink, vip
+from etcdha import cgroup, netlink, vip
 from etcdha.cgroup import ContainmentError, NodeCgroups, detect_placement
 from etcdha.config import Config, Service
 from etcdha.errors import ActuatorError, EtcdhaError
@@ -240,8 +241,11 @@ class Actuator:
         (ContainmentError if processes survive) otherwise, and the caller must not release.
         """
         began = time.monotonic()
+        group = self.cgroups.group(service.name)
         try:
-            self.supervisor.stop(service)
+            # like systemd, SIGCONT after the stop signal: a stopped (SIGSTOP, hung in a debugger) program
+            # would otherwise sit out stopwaitsecs before the SIGKILL
+            self.supervisor.stop(service, lambda: cgroup.signal_all(group, signal.SIGCONT))
         except ActuatorError as exc:  # supervisord gone or stuck: the cgroup still tells the truth
             log.warning("supervisord could not stop %s (%s); stopping its cgroup directly", service.name, exc)
         try:
@@ -257,7 +261,8 @@ class Actuator:
         """Graceful end: every program asked to stop at once, each cgroup emptied; True if all are empty."""
         began = time.monotonic()
         try:
-            self.supervisor.stop_all()
+            self.supervisor.stop_all(lambda: [cgroup.signal_all(self.cgroups.group(name), signal.SIGCONT)
+                                              for name in self.config.services])
         except EtcdhaError as exc:
             log.warning("stopping programs through supervisord: %s", exc)
         empty = True

@@ -374,6 +374,7 @@ class NodeCgroups:
         if not populated(group):
             return
         signal_all(group, signal.SIGTERM)
+        signal_all(group, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed (as systemd does)
         if wait_empty(group, max(0.0, deadline - time.monotonic())):
             return
         kill(group)

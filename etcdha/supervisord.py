@@ -432,10 +432,12 @@ class Supervisor:
         except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError, xmlrpc.client.Fault) as exc:
             raise ActuatorError(f"supervisord at {self.socket} did not answer multicall: {exc}") from None
 
-    def stop(self, service: Service) -> None:
+    def stop(self, service: Service, signalled: Callable[[], None] = lambda: None) -> None:
         """Stop a program and wait until it is down (supervisord escalates to SIGKILL after stopwaitsecs).
 
-        We poll instead of stopProcess(wait=True), which only returns on supervisord's 1 s tick.
+        `signalled` runs once supervisord has sent the stop signal (the caller resumes stopped
+        processes there). We poll instead of stopProcess(wait=True), which only returns on
+        supervisord's 1 s tick.
         """
         events_before = self.feed.events if self.feed else 0
         try:
@@ -444,6 +446,7 @@ class Supervisor:
             if "BAD_NAME" in str(exc):
                 return
             raise
+        signalled()
         deadline = time.monotonic() + service.stopwaitsecs + self.timeout
         while (state := self._call("getProcessInfo", service.name)["statename"]) in ("STOPPING", "RUNNING", "STARTING"):
             if time.monotonic() > deadline:
@@ -452,13 +455,14 @@ class Supervisor:
         if self.feed is not None:
             self.feed.note(service.name, state, events_before)
 
-    def stop_all(self) -> None:
-        """Stop every program; all get SIGTERM at once, then we wait for each."""
+    def stop_all(self, signalled: Callable[[], None] = lambda: None) -> None:
+        """Stop every program; all get SIGTERM at once (then `signalled` runs), then we wait for each."""
         states = self.states()
         running = [s for s in self.config.services.values()
                    if states.get(s.name) in ("RUNNING", "STARTING", "BACKOFF")]
         for s in running:
             self._call("stopProcess", s.name, False)
+        signalled()
         for s in running:
             self.stop(s)
 

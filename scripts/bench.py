@@ -33,7 +33,11 @@ import lab as L
 # how each fault is injected on the owner: a signal to its agent, kill -9 of one of its helpers, or a move;
 # "colocated-crash" runs in a lab of its own (colocated_crash): etcd on the nodes, owner + etcd leader crashed
 SCENARIOS = {"kill-9": signal.SIGKILL, "node-crash": "node", "sigterm": signal.SIGTERM, "fence-kill-9": "fence",
-             "supervisord-kill-9": "supervisord", "move": None, "colocated-crash": "colocated"}
+             "supervisord-kill-9": "supervisord", "move": None, "colocated-crash": "colocated",
+             "hang-restart": "health", "hang-migrate": "health"}
+# hang-*: the program is SIGSTOPped (it keeps its socket and answers nothing) and its http check notices;
+# hang-restart restarts it in place, hang-migrate (max_restarts 0) hands it to the next node
+HEALTH_CHECK = {"interval": 1.0, "timeout": 0.5, "failure_threshold": 2}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -178,6 +182,75 @@ def colocated_crash(trials: int, ttl: float, timing: ColocatedTiming = Colocated
                 cluster.stop()
             for member in members:
                 member.stop()
+    return result
+
+
+@dataclass
+class HealthResult:
+    times: dict[str, list[float]] = field(default_factory=dict)  # scenario -> hang -> first answer from the new copy
+    samples: int = 0
+    violations: list[str] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+
+
+def health_trial(cluster: L.Cluster, sampler: L.Sampler, probe: L.Probe, migrate: bool) -> float:
+    """SIGSTOP the owner's program; seconds until the first answer from its restarted copy (or another node)."""
+    owner = L.wait_until(sampler.holder, 30, "an owner")
+    node = cluster.nodes[owner]
+    L.wait_until(lambda: cluster.status()["services"]["web"]["health"] == "passing", 30, "web's check to pass")
+    L.wait_until(lambda: probe.last() == owner, 10, f"the VIP to answer from {owner}")
+    hung = L.wait_until(node.program_pid, 10, f"{owner}'s program")
+    t0 = time.monotonic()
+    os.kill(hung, signal.SIGSTOP)
+    if migrate:
+        first = L.wait_until(lambda: probe.first_answer_after(t0, exclude=owner), 30, "another node to answer")
+    else:
+        # the first answer after the new process exists can only come from it: the old one is stopped
+        L.wait_until(lambda: node.program_pid() not in (None, hung), 30, f"{owner} to restart web", interval=0.01)
+        restarted = time.monotonic()
+        first = L.wait_until(lambda: probe.first_answer_after(restarted), 30, "the restarted copy to answer")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(hung, signal.SIGCONT)  # already killed by the restart or the handoff; never leave one stopped
+    return first - t0
+
+
+def health_lab(scenarios: list[str], trials: int, ttl: int) -> HealthResult:
+    """hang-restart and hang-migrate on a cluster of their own, web with an http check (HEALTH_CHECK)."""
+    result = HealthResult()
+    with L.Lab(name="bh") as lab:
+        etcd = L.Etcd(lab)
+        check = {"http": f"http://{L.VIP}:{L.PORT}/", **HEALTH_CHECK}
+        probe = None
+        cluster = None
+        try:
+            etcd.start()
+            with L.Sampler(lab, interval=0.05) as sampler:
+                probe = L.Probe(lab, duration=7200)
+                for name in scenarios:
+                    migrate = name == "hang-migrate"
+                    web = {"command": L.sample_service_command(), "vip": f"{L.VIP}/24", "interface": "eth0",
+                           "checks": [check], "max_restarts": 0 if migrate else 100, "failure_timeout": 3600}
+                    cluster = L.Cluster(lab, etcd, f"/bench-{name}", {"lease_ttl": ttl, "failure_cooldown": 1,
+                                                                     "services": {"web": web}})
+                    cluster.start()
+                    times = result.times.setdefault(name, [])
+                    for i in range(trials):
+                        with contextlib.suppress(OSError, ValueError, IndexError):
+                            result.load.append(float(Path("/proc/loadavg").read_text().split()[0]))
+                        times.append(health_trial(cluster, sampler, probe, migrate))
+                        print(f"{name} trial {i + 1}/{trials}: first answer {times[-1]:.3f}s after the hang",
+                              flush=True)
+                        time.sleep(1.5)  # the cooldown (1 s) of a migration ends: every node is a candidate again
+                    cluster.stop()
+                    cluster = None
+            result.samples = sampler.samples
+            result.violations = list(sampler.violations)
+        finally:
+            if probe:
+                probe.stop()
+            if cluster:
+                cluster.stop()
+            etcd.stop()
     return result
 
 
@@ -1013,12 +1086,14 @@ def main() -> int:
     except ValueError:
         parser.error(f"--colocated-timing: expected HEARTBEAT_MS/ELECTION_MS[/KEEPALIVE_S], got {args.colocated_timing!r}")
     colocated = [s for s in scenarios if SCENARIOS[s] == "colocated"]
-    scenarios = [s for s in scenarios if s not in colocated]
+    hangs = [s for s in scenarios if SCENARIOS[s] == "health"]
+    scenarios = [s for s in scenarios if s not in colocated and s not in hangs]
     results: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in scenarios}
     violations: list[str] = []
     if scenarios:
         violations = shared_lab(scenarios, args.trials, args.ttl, results)
     colo = colocated_crash(args.trials, args.ttl, timing) if colocated else None
+    health = health_lab(hangs, args.trials, args.ttl) if hangs else None
     if scenarios:
         print(f"\netcdha failover benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
               f"{platform.machine()}, {L.os.cpu_count()} cores, lease_ttl {args.ttl}s, etcd default settings")
@@ -1046,7 +1121,23 @@ def main() -> int:
         for v in colo.violations:
             print("  ", v)
         print(f"logs: {colo.workdir}")
-    return 1 if violations or (colo and (colo.violations or colo.fenced)) else 0
+    if health is not None:
+        c = HEALTH_CHECK
+        target = c["interval"] * c["failure_threshold"] + 1
+        print(f"\netcdha health-check benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+              f"{platform.machine()}, {L.os.cpu_count()} cores, lease_ttl {args.ttl}s"
+              + (f", load average {min(health.load):.1f}-{max(health.load):.1f}" if health.load else ""))
+        print(f"web's program SIGSTOPped (it keeps its socket, answers nothing); its check: http every "
+              f"{c['interval']:g}s, timeout {c['timeout']:g}s, failure_threshold {c['failure_threshold']};\n"
+              f"seconds from the hang to the first answer on the VIP from the restarted copy (max_restarts 100) or "
+              f"from another node (max_restarts 0); target for a restart: interval x failure_threshold + 1 = "
+              f"{target:g}s:")
+        for name, times in health.times.items():
+            print(summary(f"{name} answer", times))
+        print(f"invariant samples with two copies: {len(health.violations)} of {health.samples}")
+        for v in health.violations:
+            print("  ", v)
+    return 1 if violations or (colo and (colo.violations or colo.fenced)) or (health and health.violations) else 0
 
 
 def shared_lab(scenarios: list[str], trials: int, ttl: int,

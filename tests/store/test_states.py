@@ -30,6 +30,8 @@ SERVICES = {name: Service(name=name, command=("sleep", "300"), startsecs=0, star
 SLOW = {name: Service(name=name, command=("sleep", "300"), startsecs=1, startretries=0, stopwaitsecs=2)
         for name in ("slow1", "slow2", "slow3")}
 SERVICES.update(SLOW)
+PATIENT = Service(name="patient", command=("sleep", "300"), startsecs=0, startretries=0, stopwaitsecs=10)
+SERVICES["patient"] = PATIENT
 
 
 class Counting(Supervisor):
@@ -153,3 +155,18 @@ def test_running_is_known_soon_after_startsecs_not_at_supervisords_next_idle_wak
         time.sleep(0.05)
     late = {name: round(running.get(name, deadline) - started[name], 2) for name in SLOW}
     assert max(late.values()) < 1.45, f"seconds from each start to RUNNING (startsecs 1): {late}"
+
+
+def test_a_stopped_program_stops_at_once_when_resumed_after_the_stop_signal(sup):
+    """SIGSTOPped (hung in a debugger, or a test of a hang): SIGTERM waits until SIGCONT, so the actuator resumes
+    the cgroup right after supervisord's stop signal, as systemd does; else it would sit out stopwaitsecs (10 s)."""
+    from etcdha import cgroup
+
+    group = sup.cgroups.group("patient")
+    sup.start(PATIENT, 7, group, sup.pid)
+    pid = wait_for(lambda: cgroup.pids(group), 5, what="patient to run")[0]
+    os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    sup.stop(PATIENT, lambda: cgroup.signal_all(group, signal.SIGCONT))
+    assert time.monotonic() - began < 5, "the stop waited for stopwaitsecs"
+    assert not cgroup.populated(group)
