@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from etcdha import cgroup, netlink, vip
+from etcdha import cgroup, logs, netlink, vip
 from etcdha.cgroup import ContainmentError, NodeCgroups, detect_placement
 from etcdha.config import Config, Service
 from etcdha.errors import ActuatorError, EtcdhaError
@@ -79,7 +79,8 @@ class Actuator:
         self.supervisor.prepare()
         self.supervisor.listen(self.wake)  # before supervisord starts: no state event is missed
         self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
-                                 self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access())
+                                 self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access(),
+                                 log_format=logs.chosen())
         self.supervisord_pid = self.fence.start()
         self.supervisor.wait_ready()
         log.info("fence pid %d, supervisord pid %d; services contained in %s (%s)", self.fence.proc.pid,

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import click
 
-from etcdha import __version__, config as config_mod, decide, model, report
+from etcdha import __version__, config as config_mod, decide, logs, model, report
 from etcdha.errors import ConfigError, EtcdhaError, StoreError
 from etcdha.store import Store
 
@@ -74,10 +74,13 @@ def open_store(settings: Settings) -> Store:
 @click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True, envvar="ETCDHA_TIMEOUT",
               help="Seconds to wait for etcd before giving up.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="auto", show_default=True,
+              envvar="ETCDHA_LOG_FORMAT", help="Log lines: text; journal (a <N> priority prefix per line for "
+              "journald); json (one object per line); auto = journal when stderr is the journal, else text.")
 @click.version_option(__version__, prog_name="etcdha")
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], endpoints: Optional[str], prefix: Optional[str],
-         timeout: float, verbose: int) -> None:
+         timeout: float, verbose: int, log_format: str) -> None:
     """etcdha: run each service, with its virtual IP, on exactly one healthy node.
 
     \b
@@ -86,8 +89,7 @@ def main(ctx: click.Context, config_path: Optional[str], endpoints: Optional[str
       etcdha --endpoints http://10.0.0.5:2379 status
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(log_format, level)
     ctx.obj = Settings(config_path, endpoints, prefix, timeout)
 
 
@@ -129,7 +131,10 @@ def stop_post(settings: Settings, agent_config: Optional[str]) -> None:
     Example (deploy/etcdha.service):
       ExecStopPost=/opt/etcdha/venv/bin/etcdha stop-post --config /etc/etcdha/agent.yaml
     """
+    from etcdha import fence
     from etcdha.fence import stop_post as run_stop_post
+
+    fence.LOG_FORMAT = logs.chosen()
 
     path = agent_config or settings.config_path
     if not path:

@@ -94,11 +94,36 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+LOG_FORMAT = "text"  # of our stderr lines: text, journal (`<N>` priorities) or json, as the agent's (--log-format)
+
+
+def priority(message: str) -> int:
+    """syslog priority of one of our messages: 3 (error) when processes survive or something failed,
+    4 (warning) when the fence fired or warns, 6 (info) otherwise."""
+    if "SURVIVE" in message or message.startswith(("error", "stop-post: error")):
+        return 3
+    if message.startswith(("fired", "warning")):
+        return 4
+    return 6
+
+
+def log_line(message: str, fmt: str, pid: int, now: float) -> str:
+    """One stderr line for `message` in the agent's log format (pure, for tests)."""
+    if fmt == "journal":
+        return f"<{priority(message)}>etcdha-fence[{pid}]: {message}"
+    if fmt == "json":
+        level = {3: "error", 4: "warning", 6: "info"}[priority(message)]
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+        return json.dumps({"time": stamp, "level": level, "priority": priority(message), "logger": "etcdha.fence",
+                           "pid": pid, "message": message})
+    return f"etcdha-fence[{pid}]: {message}"
+
+
 def say(message: str) -> None:
     """Tell the agent (stdout) and the log (stderr); the agent may already be gone."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            print(message if stream is sys.stdout else f"etcdha-fence[{os.getpid()}]: {message}",
+            print(message if stream is sys.stdout else log_line(message, LOG_FORMAT, os.getpid(), time.time()),
                   file=stream, flush=True)
         except (BrokenPipeError, OSError, ValueError):
             pass
@@ -285,8 +310,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--vip", nargs=2, action="append", default=[], metavar=("INTERFACE", "CIDR"))
     parser.add_argument("--etcd", type=json.loads, default=None,
                         help='JSON {"endpoints": [...], "timeout": S, "ca_cert", "cert", "key"}: for the handoff')
+    parser.add_argument("--log-format", choices=("text", "journal", "json"), default="text")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
+    global LOG_FORMAT
+    LOG_FORMAT = args.log_format
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     fence = Fence(args.margin, [tuple(v) for v in args.vip], args.cgroup, args.command, args.etcd)
     try:
@@ -308,8 +336,10 @@ class FenceClient:
 
     def __init__(self, margin: float, vips: Sequence[tuple[str, str]], services: Path,
                  supervisord_command: Sequence[str],
-                 on_exit: Callable[["FenceClient"], None] = lambda client: None, etcd: Optional[dict] = None):
-        argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin), "--cgroup", str(services)]
+                 on_exit: Callable[["FenceClient"], None] = lambda client: None, etcd: Optional[dict] = None,
+                 log_format: str = "text"):
+        argv = [sys.executable, "-m", "etcdha.fence", "--margin", repr(margin), "--cgroup", str(services),
+                "--log-format", log_format]
         if etcd:
             argv += ["--etcd", json.dumps(etcd)]
         for interface, cidr in vips:
