@@ -7,6 +7,7 @@ never delays renewal, and a hung agent (all threads stopped) is fenced.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from etcdha import decide, events, health, model
+from etcdha import decide, events, health, metrics, model
 from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
@@ -80,6 +81,15 @@ class Agent:
                                          lambda service, token: {**os.environ, "ETCDHA_NODE": config.node},
                                          on_change=self.wake.set, clock=clock)
         self.node_unhealthy = ""  # why a node check fails, as published; "" while they pass
+        self.metrics: Optional[metrics.Metrics] = None
+        if config.metrics_listen is not None:
+            # /health is stale once the loop has missed a few turns: it runs at least every reconcile_interval
+            self.metrics = metrics.Metrics(config.node, 3 * config.reconcile_interval + config.etcd.timeout + 2,
+                                           clock=clock)
+            self.events.subscribers.append(self.metrics.event)
+            self.store.observer = self.metrics.etcd_call
+        self.claimed_at: dict[str, float] = {}  # service -> when we claimed it (monotonic): claim-to-running
+        self.my_failures: dict[str, int] = {}  # service -> health-check fail count here, as of the last view
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
         self.cgroup_events = None  # wakes us when a service's cgroup empties (a crash) or fills
@@ -150,6 +160,14 @@ class Agent:
         problems = host_problems(c)  # e.g. a missing program: refuse now, not at every node's claim in turn
         if problems:
             raise ConfigError("\n".join(problems))
+        if self.metrics is not None and c.metrics_listen is not None:
+            host, port = c.metrics_listen
+            try:
+                bound = self.metrics.serve(host, port)
+            except OSError as exc:
+                raise ConfigError(f"{c.source}: metrics.listen: cannot listen on {host}:{port} "
+                                  f"({exc.strerror or exc})") from None
+            log.info("serving /metrics and /health on %s:%d", *bound[:2])
         self.hands.prepare()  # leftovers of a previous run die before we can join
         self.hands.start_runtime()
         try:
@@ -236,6 +254,9 @@ class Agent:
         and the lease simply runs out.
         """
         log.error("%s: stopping everything here and rejoining with a new lease", why)
+        if self.metrics is not None:  # until we have rejoined, /health says why we are not fit
+            self.metrics.update(dataclasses.replace(self.metrics.snapshot, at=self.clock(), lease_state="LOST",
+                                                    owned=frozenset(), lease_left=0.0))
         self.lease.stop()
         for attempt in range(1, 1_000_000):  # bounded; each round waits up to KILL_GRACE
             if self.hands.fence_now():
@@ -284,6 +305,8 @@ class Agent:
             self.lease.stop()  # never granted (etcd was unreachable): nothing to revoke
         if self.hook is not None:
             self.hook.close()  # before the fence's quit, which checks that nothing of ours is left
+        if self.metrics is not None:
+            self.metrics.close()
         self.hands.shutdown()
         self.workers.shutdown(wait=True)
         self.history.close()
@@ -358,14 +381,46 @@ class Agent:
         if starts and not fenced:
             self.start_all(starts)
         if view is not None:
+            if plan.actions or starts:
+                # what we just did, not what ran before it: `status` must never say STOPPED for a program that
+                # already answers (the states come from the event feed, which our own starts and stops noted)
+                try:
+                    local = self.local = self.hands.observe()
+                except ActuatorError as exc:
+                    log.debug("re-reading program states after acting: %s", exc)
             self.publish(view, local)
             if not self.ready:
                 self.ready = True
                 sd_notify(f"READY=1\nSTATUS=joined as {self.config.node}")
+        self.measure(view, local)  # every cycle, etcd reachable or not: /health must say what this node knows
         sd_notify("WATCHDOG=1")  # only from the loop: a stuck loop gets restarted by systemd
         wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
                                                                                self.config.reconcile_interval)
         self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
+
+    def measure(self, view: Optional[model.ClusterView], local: Local) -> None:
+        """Hand the metrics what this cycle knows (read only when scraped); time claims until RUNNING."""
+        for svc, since in list(self.claimed_at.items()):
+            owner = view.owners.get(svc) if view else None  # (the view is from before this cycle's claims)
+            if local.programs.get(svc) == "RUNNING":
+                if self.metrics is not None:
+                    self.metrics.claim_to_running.observe(self.clock() - since)
+                self.claimed_at.pop(svc)
+            elif (owner is not None and (owner.node, owner.lease) != (self.config.node, self.lease.id)) \
+                    or self.clock() - since > 3600:
+                self.claimed_at.pop(svc)  # given up or lost before it ran: nothing to time
+        if self.metrics is None:
+            return
+        wall = time.time()
+        if view is not None:
+            self.my_failures = {svc: f.count(wall) for (svc, node), f in view.failures.items()
+                                if node == self.config.node and svc in self.config.services}
+        mine = self.my_failures
+        self.metrics.update(metrics.Snapshot(
+            at=self.clock(), lease_state=self.lease.poll().name, lease_left=self.lease.deadline - self.clock(),
+            owned=frozenset(self.owned), programs={s: local.programs.get(s, "STOPPED") for s in self.config.services},
+            processes=dict(local.processes), health=self.prober.health(), failures=mine,
+            node_unhealthy=bool(self.node_unhealthy), etcd_ok=self.etcd_ok))
 
     def node_health(self) -> None:
         """Follow the node checks: while one fails this node hands over and claims nothing (decide), and says why."""
@@ -495,6 +550,10 @@ class Agent:
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
                     self.claimed.append((service.name, token))
+                    self.claimed_at[service.name] = self.clock()
+                    if self.metrics is not None and action.reason is Reason.VACANT:
+                        self.metrics.takeover.observe(max(0.0, self.clock() - self.vacant_since.get(service.name,
+                                                                                                 self.clock())))
             elif action.kind is Kind.STOP:
                 self.hands.stop(service)
                 self.record(service.name, "stopped", action.reason.value)
@@ -547,6 +606,8 @@ class Agent:
                             "gone" if owner is None else f"on lease {owner.lease:x} token {owner.create_revision}",
                             a.token)
                 self.wake.set()
+        if ours:
+            self.publish(None, self.local, frozenset(a.service for a in ours))
         failed = self.hands.start_many([(self.config.services[a.service], a.token) for a in ours])
         started = self.clock()
         for a in ours:
@@ -624,13 +685,17 @@ class Agent:
         log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
                     service.name, why, self.config.failure_cooldown, service.name)
 
-    def publish(self, view: model.ClusterView, local: Local) -> None:
-        """Keep our node key current (program states, processes per cgroup), re-creating it if it vanished."""
-        states = {s: local.programs.get(s, "STOPPED") for s in self.config.services}
+    def publish(self, view: Optional[model.ClusterView], local: Local, starting: frozenset[str] = frozenset()) -> None:
+        """Keep our node key current (program states, processes per cgroup), re-creating it if it vanished.
+
+        `starting`: services about to be started, shown as STARTING (written before the start, so a
+        program can never answer while our key still says STOPPED); without a view, write regardless.
+        """
+        states = {s: "STARTING" if s in starting else local.programs.get(s, "STOPPED") for s in self.config.services}
         processes = {s: local.processes.get(s, 0) for s in self.config.services}
         checks = self.prober.health()
         now = {"states": states, "processes": processes, "health": checks, "unhealthy": self.node_unhealthy}
-        if now == self.published and self.config.node in view.nodes:
+        if now == self.published and (view is None or self.config.node in view.nodes):
             return
         try:
             self.store.put(model.node_key(self.config.etcd.prefix, self.config.node),

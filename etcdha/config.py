@@ -119,6 +119,8 @@ class Service:
     stopwaitsecs: int = 2
     directory: Optional[str] = None
     environment: Mapping[str, str] = field(default_factory=dict)
+    user: Optional[str] = None     # run as this user (name or uid) instead of root; the agent stays root
+    group: Optional[str] = None    # and this group (default: the user's primary group)
     checks: tuple[Check, ...] = ()
     max_restarts: int = 3          # restarts in place after failed checks before migrating (within failure_timeout)
     failure_timeout: float = 600.0  # a failure counts for this long (Pacemaker's failure-timeout)
@@ -148,6 +150,7 @@ class Config:
     track_interfaces: bool = True  # a VIP interface without carrier makes this node unhealthy too
     notify_command: tuple[str, ...] = ()  # run once per transition, with the event in its environment
     notify_timeout: float = 10.0
+    metrics_listen: Optional[tuple[str, int]] = None  # serve /metrics and /health here; None: off
 
     @property
     def vips(self) -> tuple[tuple[str, str], ...]:
@@ -345,6 +348,21 @@ def _environment(value: Any, path: str, r: _Reader) -> Optional[dict[str, str]]:
     return env
 
 
+ACCOUNT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+
+
+def _account(value: Any, path: str, kind: str, r: _Reader) -> Optional[str]:
+    """A user or group: a name as useradd accepts it, or a number (YAML may give an int)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32 - 1:
+        return str(value)
+    if not isinstance(value, str) or not ACCOUNT_RE.fullmatch(value) or (value.isdigit() and int(value) >= 2 ** 32 - 1):
+        r.error(path, f"a {kind} name (letters, digits, '_', '.', '-', up to 32) or a numeric id", value)
+        return None
+    return value
+
+
 def _http_url(value: Any, path: str, r: _Reader) -> Optional[str]:
     expected = "an http:// or https:// URL like http://127.0.0.1:8080/health"
     value = r.text(value, path, expected)
@@ -453,7 +471,7 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
         return None
     r.unknown_keys(data, {"command", "vip", "interface", "priority", "startsecs", "startretries",
                           "stopwaitsecs", "directory", "environment", "checks", "max_restarts",
-                          "failure_timeout"}, path + ".")
+                          "failure_timeout", "user", "group"}, path + ".")
     command = None
     if "command" not in data:
         r.error(f"{path}.command", "a command to run")
@@ -486,6 +504,8 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
     startsecs = r.number(data, "startsecs", path + ".", 1, 0, 3600, "whole seconds")
     startretries = r.number(data, "startretries", path + ".", 2, 0, 100, "count")
     stopwaitsecs = r.number(data, "stopwaitsecs", path + ".", 2, 1, 3600, "whole seconds")
+    user = _account(data.get("user"), f"{path}.user", "user", r)
+    group = _account(data.get("group"), f"{path}.group", "group", r)
     checks = _checks(data.get("checks"), f"{path}.checks", r)
     max_restarts = r.number(data, "max_restarts", path + ".", 3, 0, 100, "count")
     failure_timeout = r.number(data, "failure_timeout", path + ".", 600.0, 1, 30 * 24 * 3600)
@@ -493,8 +513,27 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
         return None
     return Service(name=name, command=command, vip=vip, interface=interface if vip else None, priority=priority,
                    startsecs=startsecs, startretries=startretries, stopwaitsecs=stopwaitsecs, directory=directory,
-                   environment=environment, checks=checks, max_restarts=max_restarts,
+                   environment=environment, user=user, group=group, checks=checks, max_restarts=max_restarts,
                    failure_timeout=float(failure_timeout))
+
+
+def _metrics(data: Any, r: _Reader) -> Optional[tuple[str, int]]:
+    """metrics: {listen: HOST:PORT} -> (host, port); None (off) when absent."""
+    if data is None or r.mapping(data, "metrics") is None:
+        return None
+    r.unknown_keys(data, {"listen"}, "metrics.")
+    listen = _host_port(data.get("listen"), "metrics.listen", r)
+    if listen is None:
+        return None
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        r.error("metrics.listen", "an IP address to listen on, like 127.0.0.1:9477 or [::1]:9477 (not a name)",
+                listen)
+        return None
+    return host, int(port)
 
 
 def _notify(data: Any, r: _Reader) -> tuple[tuple[str, ...], float]:
@@ -564,7 +603,7 @@ def _run_dir(value: Any, r: _Reader) -> Optional[str]:
 
 TOP_KEYS = {"node", "etcd", "lease_ttl", "keepalive_interval", "fence_margin", "reconcile_interval", "claim_delay",
             "startup_grace", "failure_cooldown", "run_dir", "move_timeout", "history_size", "cgroup_root",
-            "drain_concurrency", "node_checks", "track_interfaces", "notify",
+            "drain_concurrency", "node_checks", "track_interfaces", "notify", "metrics",
             "services"}
 
 
@@ -637,6 +676,7 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
     if not isinstance(track, bool):
         r.error("track_interfaces", "true or false", track)
     notify_command, notify_timeout = _notify(data.get("notify"), r)
+    metrics_listen = _metrics(data.get("metrics"), r)
     run_dir = _run_dir(data["run_dir"], r) if data.get("run_dir") is not None else f"/run/etcdha/{node}"
     cgroup_root = None
     if data.get("cgroup_root") is not None:
@@ -650,6 +690,7 @@ def _parse_mapping(data: Mapping[Any, Any], r: _Reader) -> Optional[Config]:
         history_size=history_size, drain_concurrency=drain_concurrency, run_dir=Path(run_dir), source=r.source,
         cgroup_root=None if cgroup_root is None else Path(cgroup_root), node_checks=node_checks,
         track_interfaces=bool(track), notify_command=notify_command, notify_timeout=notify_timeout,
+        metrics_listen=metrics_listen,
     )
 
 
@@ -888,6 +929,16 @@ def host_problems(config: Config) -> list[str]:
                 directory_ok = False
                 problems.append(f"{src}: {path}.directory: expected an existing directory (got {_show(s.directory)}: "
                                 f"{why})")
+        if s.user is not None or s.group is not None:
+            from etcdha import launch  # stdlib only; imported here to keep config's imports small
+            try:
+                launch.resolve_identity(s.user, s.group)
+            except LookupError as exc:
+                key = "user" if s.user is not None and f"user {s.user!r}" in str(exc) else "group"
+                problems.append(f"{src}: {path}.{key}: expected a {key} of this host ({exc})")
+            if launch.setpriv_tool() is None:
+                problems.append(f"{src}: {path}.user: running a service as another user needs setpriv "
+                                "(util-linux) on the PATH")
         base = Path(s.directory) if s.directory else cwd
         commands = [(f"{path}.command", s.command)] + [(f"{path}.checks[{i}].exec", c.command)
                                                        for i, c in enumerate(s.checks) if c.kind == "exec"]

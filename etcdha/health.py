@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 from urllib.parse import urlparse
 
-from etcdha import cgroup
+from etcdha import cgroup, launch
 from etcdha.config import Check, Service
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,19 @@ def node_service(checks: "tuple[Check, ...]") -> Service:
     return Service(name=NODE, command=("true",), checks=checks)
 
 
-def probe_exec(check: Check, env: Mapping[str, str], directory: Optional[str], group: Path) -> Outcome:
-    """Run the command in a cgroup of its own; exit 0 is healthy. At the timeout, the whole cgroup is killed.
+def probe_exec(check: Check, env: Mapping[str, str], directory: Optional[str], group: Path,
+               identity: Optional[launch.Identity] = None) -> Outcome:
+    """Run the command in a cgroup of its own (as the service's user); exit 0 is healthy. At the timeout,
+    the whole cgroup is killed.
 
     Whatever the command leaves behind is killed too, so a check never accumulates processes.
     """
+    argv = list(check.command)
+    if identity is not None:
+        argv = identity.argv(launch.setpriv_tool() or "setpriv") + ["--", *argv]
+        env = {**env, **identity.environment()}
     try:
-        proc = subprocess.Popen(cgroup.contained(group, check.command), cwd=directory or None, env=dict(env), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cgroup.contained(group, argv), cwd=directory or None, env=dict(env), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         return Outcome(False, _clip(f"cannot run {check.command[0]}: {exc.strerror or exc}"))
@@ -345,8 +351,12 @@ class Prober:
                 return probe_tcp(check)
             if check.kind == "carrier":
                 return probe_carrier(check)
+            try:
+                identity = launch.resolve_identity(service.user, service.group)
+            except LookupError as exc:
+                return Outcome(False, f"cannot run as the service's user: {exc}")
             return probe_exec(check, {**self.environment(service, token), "ETCDHA_CHECK": check.name},
-                              service.directory, self.checks_dir / service.name / check.name)
+                              service.directory, self.checks_dir / service.name / check.name, identity)
         except Exception as exc:  # noqa: BLE001 - a probe's own bug is a failed check, never a dead prober
             log.exception("check %s of %s", check.name, service.name)
             return Outcome(False, _clip(f"check error: {type(exc).__name__}: {exc}"))

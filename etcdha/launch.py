@@ -21,9 +21,12 @@ CPU per start, which at hundreds of services per takeover was most of a cold sta
 from __future__ import annotations
 
 import functools
+import grp
+import pwd
 import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -45,13 +48,66 @@ def pdeathsig_tool() -> Optional[str]:
     return tool if "--pdeathsig" in out.stdout else None
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a service runs as, resolved on this host: dropped to only after it entered its cgroup (as root)."""
+
+    uid: int
+    gid: int
+    name: Optional[str]  # for HOME/USER/LOGNAME and the supplementary groups; None: a uid without a passwd entry
+    home: str = "/"
+
+    def argv(self, tool: str) -> list[str]:
+        """`setpriv` arguments that become this identity (supplementary groups from the group database)."""
+        groups = ["--init-groups"] if self.name else ["--clear-groups"]
+        return [tool, f"--reuid={self.uid}", f"--regid={self.gid}", *groups]
+
+    def environment(self) -> dict[str, str]:
+        """What supervisord's user= sets, so a program finds its home."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name} if self.name else {"HOME": self.home}
+
+
+def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Identity]:
+    """`user` (name or number) and `group` (name or number; default the user's primary group) on this host.
+
+    Raises LookupError naming what is missing; None when neither is given (root, as the agent).
+    """
+    if user is None and group is None:
+        return None
+    uid, gid, name, home = 0, 0, "root", "/root"
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            uid, gid, name, home = entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir
+        except KeyError:
+            if not user.isdigit():
+                raise LookupError(f"no user {user!r} on this host") from None
+            uid, gid, name, home = int(user), int(user), None, "/"
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise LookupError(f"no group {group!r} on this host") from None
+    return Identity(uid, gid, name, home or "/")
+
+
+@functools.lru_cache(maxsize=1)
+def setpriv_tool() -> Optional[str]:
+    """`setpriv` (util-linux): how a program drops to its user after entering its cgroup."""
+    return shutil.which("setpriv")
+
+
 def _fail(message: str, code: int) -> str:
     return f"{{ printf '%s\\n' {shlex.quote('etcdha-launch: ' + message)} >&2; exit {code}; }}"
 
 
 def script(argv: Sequence[str], env: Mapping[str, str], directory: Optional[str], cgroup: Path, parent: int,
-           pdeathsig: Optional[str]) -> str:
-    """The launcher for one start. `env` names are validated by config (letters, digits, '_')."""
+           pdeathsig: Optional[str], identity: Optional[Identity] = None) -> str:
+    """The launcher for one start. `env` names are validated by config (letters, digits, '_').
+
+    With an `identity` the program runs as that user and group: setpriv changes them after the
+    cgroup was entered (cgroup.procs is root's) and right before exec; pdeathsig is set after the
+    change (util-linux sets it last), so it holds for the program."""
     q = shlex.quote
     procs = str(cgroup / "cgroup.procs")
     lines = [
@@ -62,7 +118,13 @@ def script(argv: Sequence[str], env: Mapping[str, str], directory: Optional[str]
     ]
     if directory:
         lines.append(f"cd {q(directory)} 2>/dev/null || " + _fail(f"cannot change to directory {directory}", SETUP))
+    if identity is not None:
+        lines += [f"export {name}={q(value)}" for name, value in identity.environment().items() if name not in env]
     lines += [f"export {name}={q(value)}" for name, value in env.items()]
-    prefix = [pdeathsig, "--pdeathsig", "KILL", "--"] if pdeathsig else []
+    prefix: list[str] = []
+    if identity is not None:
+        prefix = identity.argv(setpriv_tool() or "setpriv") + (["--pdeathsig", "KILL"] if pdeathsig else []) + ["--"]
+    elif pdeathsig:
+        prefix = [pdeathsig, "--pdeathsig", "KILL", "--"]
     lines.append("exec " + " ".join(q(a) for a in [*prefix, *argv]))
     return "\n".join(lines) + "\n"

@@ -71,10 +71,16 @@ def _translate(func: Callable) -> Callable:
     def wrapper(self: "Store", *args, **kwargs):
         for attempt in range(len(self._targets)):
             index = self._index
+            began = time.monotonic()
             try:
-                return func(self, *args, **kwargs)
+                result = func(self, *args, **kwargs)
+                if self.observer is not None:
+                    self.observer(func.__name__, time.monotonic() - began, None)
+                return result
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
+                if self.observer is not None:
+                    self.observer(func.__name__, time.monotonic() - began, code.name if code else "UNKNOWN")
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 failed = self._endpoint_at(index)
                 if code not in _UNAVAILABLE:
@@ -97,6 +103,8 @@ class Store:
         self.prefix = etcd.prefix
         self.timeout = etcd.timeout
         self.last_change = 0  # revision of our last claim or release: an agent plans on no older view
+        # called after every call with (method, seconds, gRPC code name or None): the agent's metrics
+        self.observer: Optional[Callable[[str, float, Optional[str]], None]] = None
         self._change_lock = threading.Lock()  # claims run on several threads at once
         self._targets = [parse_endpoint(ep, "etcd endpoint") for ep in etcd.endpoints]
         self._creds = self._credentials(etcd)

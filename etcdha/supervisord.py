@@ -118,7 +118,8 @@ def service_environment(service: Service, node: str, token: int) -> dict[str, st
 def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: int) -> str:
     """The launcher script for one start: argv, environment (with the fencing token), cgroup, parent."""
     env = service_environment(service, node, token)
-    return launch.script(service.command, env, service.directory, cgroup, parent, launch.pdeathsig_tool())
+    identity = launch.resolve_identity(service.user, service.group)  # LookupError: checked at agent start, gone since
+    return launch.script(service.command, env, service.directory, cgroup, parent, launch.pdeathsig_tool(), identity)
 
 
 class StateFeed(threading.Thread):
@@ -394,14 +395,20 @@ class Supervisor:
         A chunk that times out may still have started its programs: we ask supervisord
         for their states, and only those it does not show starting or running fail.
         """
+        failed: dict[str, ActuatorError] = {}
         for service, token, cgroup in items:
+            try:
+                text = launch_spec(service, self.config.node, token, cgroup, parent)
+            except LookupError as exc:  # its user or group was removed since the agent started
+                failed[service.name] = ActuatorError(f"cannot start {service.name}: {exc}")
+                continue
             spec = self.spec_path(service.name)
             tmp = spec.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(launch_spec(service, self.config.node, token, cgroup, parent))
+                f.write(text)
             os.replace(tmp, spec)
-        failed: dict[str, ActuatorError] = {}
+        items = [item for item in items if item[0].name not in failed]
         for first in range(0, len(items), START_CHUNK):
             chunk = [service.name for service, _, _ in items[first:first + START_CHUNK]]
             events_before = self.feed.events if self.feed else 0

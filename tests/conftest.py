@@ -21,3 +21,24 @@ def pytest_sessionfinish(session, exitstatus):
         for r in bad:
             reporter.write_line(f"  {r.nodeid}: {r.longrepr}", red=True)
         session.exitstatus = 1
+
+
+def _separate_stderr_on_old_click() -> None:
+    """click < 8.2 (tests/floors.txt pins 8.0) either mixes stderr into a CliRunner's stdout or leaves it out of
+    `output`; the suite reads them as click >= 8.2 gives them: `stdout` and `stderr` apart, `output` both."""
+    import inspect
+
+    from click import testing
+
+    if "mix_stderr" not in inspect.signature(testing.CliRunner.__init__).parameters:
+        return
+    original = testing.CliRunner.__init__
+
+    def init(self, *args, mix_stderr: bool = False, **kwargs) -> None:
+        original(self, *args, mix_stderr=mix_stderr, **kwargs)
+
+    testing.CliRunner.__init__ = init
+    testing.Result.output = property(lambda self: self.stdout + (self.stderr if self.stderr_bytes else ""))
+
+
+_separate_stderr_on_old_click()

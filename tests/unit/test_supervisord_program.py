@@ -126,3 +126,31 @@ def test_launcher_runs_the_program_with_a_parent_death_signal_where_setpriv_has_
 def test_no_vip_no_vip_variable(tmp_path):
     res, _ = run_launcher(tmp_path, service(command=DUMP, vip=None, interface=None))
     assert "ETCDHA_VIP" not in json.loads(res.stdout)[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing to another user needs root")
+def test_a_service_with_a_user_runs_as_that_user_with_its_home(tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    tmp_path.chmod(0o755)
+    res, group = run_launcher(tmp_path, service(
+        command=(sys.executable, "-c", "import json, os; print(json.dumps([os.getuid(), os.getgid(), os.getgroups(), "
+                                       "os.environ.get('HOME'), os.environ.get('USER'), os.environ['GREETING']]))"),
+        environment={"GREETING": "hi"}, user="nobody"))
+    assert res.returncode == 0, res.stderr
+    uid, gid, groups, home, user, greeting = json.loads(res.stdout)
+    assert (uid, gid, home, user, greeting) == (nobody.pw_uid, nobody.pw_gid, nobody.pw_dir, "nobody", "hi")
+    assert 0 not in groups, "no supplementary group of root's is kept"
+    assert group.joinpath("cgroup.procs").read_text().strip().isdigit()  # the cgroup was entered first, as root
+
+
+def test_a_numeric_user_without_a_passwd_entry_and_an_explicit_group():
+    spec = launch_spec(service(user="4242", group="0"), "n1", 1, Path("/cg"), 1)
+    assert "--reuid=4242 --regid=0 --clear-groups" in spec
+    assert "export HOME=/" in spec and "USER=" not in spec
+
+
+def test_an_unknown_user_is_a_lookup_error_naming_it():
+    with pytest.raises(LookupError, match="no user 'no-such-user-xyz'"):
+        launch_spec(service(user="no-such-user-xyz"), "n1", 1, Path("/cg"), 1)
