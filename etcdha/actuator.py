@@ -99,9 +99,7 @@ class Actuator:
 
     def etcd_access(self) -> dict:
         """What the fence (or systemd's ExecStopPost=) needs to revoke our lease after a crash."""
-        e = self.config.etcd
-        return {"endpoints": list(e.endpoints), "timeout": e.timeout, "ca_cert": e.ca_cert, "cert": e.cert,
-                "key": e.key}
+        return self.config.etcd.access()  # the user and the password's file, never the password
 
     @property
     def handoff_file(self) -> Path:

@@ -22,7 +22,7 @@ from etcdha import decide, events, health, metrics, model
 from etcdha.actuator import Actuator, Local
 from etcdha.config import Config, Service, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
-from etcdha.errors import ActuatorError, ConfigError, EtcdhaError, StoreError
+from etcdha.errors import ActuatorError, AuthError, ConfigError, EtcdhaError, StoreError
 from etcdha.history import HistoryWriter
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
@@ -222,6 +222,10 @@ class Agent:
                 log.info("joined as %s with lease %x; claiming from %gs on", self.config.node, lease_id,
                          self.config.startup_grace)
                 return True
+            except AuthError:
+                if self.lease is not None:
+                    self.lease.stop()
+                raise  # wrong password, or a user that may not write: waiting cannot fix it, the operator must
             except StoreError as exc:
                 if self.lease is not None:
                     self.lease.stop()

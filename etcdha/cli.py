@@ -29,6 +29,8 @@ class Settings:
     endpoints: Optional[str]
     prefix: Optional[str]
     timeout: float
+    user: Optional[str] = None
+    password_file: Optional[str] = None
 
     def etcd(self) -> config_mod.EtcdConfig:
         """etcd settings: explicit options win over the agent config file, which wins over defaults."""
@@ -48,6 +50,10 @@ class Settings:
                 base = dataclasses.replace(base, prefix=config_mod.check_prefix(self.prefix, "--prefix"))
             except ConfigError as exc:
                 raise click.BadParameter(str(exc), param_hint="--prefix") from None
+        if self.user is not None:
+            base = dataclasses.replace(base, username=self.user, password_file=self.password_file)
+        elif self.password_file is not None:
+            raise click.BadParameter("a password without --user is never used", param_hint="--password-file")
         return dataclasses.replace(base, timeout=self.timeout)
 
 
@@ -73,6 +79,10 @@ def open_store(settings: Settings) -> Store:
 @click.option("--prefix", envvar="ETCDHA_PREFIX", help="Key prefix (default /etcdha).")
 @click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True, envvar="ETCDHA_TIMEOUT",
               help="Seconds to wait for etcd before giving up.")
+@click.option("--user", envvar="ETCDHA_USER", help="etcd user (auth/RBAC; default from --config). The password: "
+              f"--password-file, else ${config_mod.PASSWORD_ENV} (never on the command line).")
+@click.option("--password-file", type=click.Path(dir_okay=False), envvar="ETCDHA_PASSWORD_FILE",
+              help="File whose first line is the etcd password of --user.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--log-format", type=click.Choice(logs.FORMATS), default="auto", show_default=True,
               envvar="ETCDHA_LOG_FORMAT", help="Log lines: text; journal (a <N> priority prefix per line for "
@@ -80,7 +90,7 @@ def open_store(settings: Settings) -> Store:
 @click.version_option(__version__, prog_name="etcdha")
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], endpoints: Optional[str], prefix: Optional[str],
-         timeout: float, verbose: int, log_format: str) -> None:
+         timeout: float, user: Optional[str], password_file: Optional[str], verbose: int, log_format: str) -> None:
     """etcdha: run each service, with its virtual IP, on exactly one healthy node.
 
     \b
@@ -90,7 +100,7 @@ def main(ctx: click.Context, config_path: Optional[str], endpoints: Optional[str
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logs.setup(log_format, level)
-    ctx.obj = Settings(config_path, endpoints, prefix, timeout)
+    ctx.obj = Settings(config_path, endpoints, prefix, timeout, user, password_file)
 
 
 @main.command()

@@ -24,6 +24,7 @@ import yaml
 from etcdha.errors import ConfigError
 
 DEFAULT_PREFIX = "/etcdha"
+PASSWORD_ENV = "ETCDHA_ETCD_PASSWORD"  # the etcd password when etcd.password_file is not set
 # etcd (default heartbeat/election settings) raises any TTL below this to it.
 ETCD_MIN_TTL = 2
 # A lease outliving 10 minutes would keep a dead node's services down that long.
@@ -63,6 +64,33 @@ class EtcdConfig:
     cert: Optional[str] = None
     key: Optional[str] = None
     election_timeout: float = 1.0  # etcd's --election-timeout (s): for the ride-through check only
+    username: Optional[str] = None  # etcd auth (RBAC); the password comes from password_file or PASSWORD_ENV
+    password_file: Optional[str] = None
+
+    def password(self) -> Optional[str]:
+        """The etcd password: password_file's first line, else $ETCDHA_ETCD_PASSWORD; None without a username.
+
+        Raises ConfigError naming the file if it cannot be read. Never logged, never on a command line.
+        """
+        if self.username is None:
+            return None
+        if self.password_file:
+            try:
+                with open(self.password_file, encoding="utf-8") as f:
+                    return f.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"etcd.password_file: cannot read {self.password_file} "
+                                  f"({getattr(exc, 'strerror', None) or exc})") from None
+        value = os.environ.get(PASSWORD_ENV)
+        if value is None:
+            raise ConfigError(f"etcd.username is {self.username!r} but there is no password: set etcd.password_file "
+                              f"or the environment variable {PASSWORD_ENV}")
+        return value
+
+    def access(self) -> dict:
+        """What a helper needs to reach etcd without our config (the fence, stop-post): never the password itself."""
+        return {"endpoints": list(self.endpoints), "timeout": self.timeout, "ca_cert": self.ca_cert, "cert": self.cert,
+                "key": self.key, "username": self.username, "password_file": self.password_file}
 
 
 def election_ride_through(lease_ttl: float, fence_margin: float, keepalive: float, election: float) -> bool:
@@ -264,8 +292,17 @@ class _Reader:
 
 # ---- values usable outside a config file too (CLI options) --------------------------------------
 
+def redact(url: str) -> str:
+    """`url` with any password in it replaced by ***, for error messages and logs."""
+    return re.sub(r"(?<=://)([^/@\s]*?):[^/@\s]*@", r"\1:***@", url)
+
+
 def parse_endpoint(value: Any, where: str = "endpoint") -> tuple[str, int, bool]:
     """'http://host:port' -> (host, port, tls); raises ConfigError naming `where`."""
+    if isinstance(value, str) and "@" in value.split("/")[2 if "://" in value else 0]:
+        raise ConfigError(f"{where}: expected a URL without user or password (got {_show(redact(value))}): "
+                          "credentials in a URL show in process lists and logs; use etcd.username and "
+                          f"etcd.password_file (or {PASSWORD_ENV})")
     expected = f"{where}: expected a URL like http://HOST:2379 (got {_show(value)})"
     if not isinstance(value, str):
         raise ConfigError(expected)
@@ -557,7 +594,12 @@ def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
     data = r.mapping({} if data is None else data, "etcd")
     if data is None:
         return None
-    r.unknown_keys(data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key", "election_timeout"}, "etcd.")
+    if "password" in data:
+        r.error("etcd.password", f"no password in the config file: etcd.password_file (a file only root reads) or "
+                f"the environment variable {PASSWORD_ENV}", "a password")
+        data = {k: v for k, v in data.items() if k != "password"}
+    r.unknown_keys(data, {"endpoints", "prefix", "timeout", "ca_cert", "cert", "key", "election_timeout", "username",
+                          "password_file"}, "etcd.")
     endpoints = data.get("endpoints", list(EtcdConfig.endpoints))
     if isinstance(endpoints, str):
         endpoints = [endpoints]
@@ -580,10 +622,20 @@ def _etcd(data: Any, r: _Reader) -> Optional[EtcdConfig]:
             r.path(v, f"etcd.{k}", "a file path")
     timeout = r.number(data, "timeout", "etcd.", 1.0, 0.05, 60)
     election = r.number(data, "election_timeout", "etcd.", 1.0, 0.01, 60)
+    username = data.get("username")
+    if username is not None and (not isinstance(username, str) or not username or CONTROL_RE.search(username)
+                                 or len(username) > 128):
+        r.error("etcd.username", "an etcd user name (1-128 characters, no control characters)", username)
+    password_file = data.get("password_file")
+    if password_file is not None:
+        r.path(password_file, "etcd.password_file", "a file path")
+        if username is None:
+            r.error("etcd.password_file", "etcd.username as well (a password without a user is never used)",
+                    password_file)
     if len(r.errors) > before:
         return None
     return EtcdConfig(endpoints=tuple(endpoints), prefix=prefix, timeout=float(timeout),
-                      election_timeout=float(election), **tls)
+                      election_timeout=float(election), username=username, password_file=password_file, **tls)
 
 
 def _run_dir(value: Any, r: _Reader) -> Optional[str]:
@@ -948,6 +1000,11 @@ def host_problems(config: Config) -> list[str]:
     others += [("notify.command", config.notify_command)] if config.notify_command else []
     for where, command in others:
         problems += _program_problems(src, where, command[0], cwd, True, {})
+    if config.etcd.username is not None:
+        try:
+            config.etcd.password()
+        except ConfigError as exc:
+            problems.append(f"{src}: {exc}")
     for key in ("ca_cert", "cert", "key"):
         name = getattr(config.etcd, key)
         if name is None:

@@ -17,6 +17,10 @@ class Unavailable(StoreError):
     """etcd could not be reached (or has no leader) within the deadline."""
 
 
+class AuthError(StoreError):
+    """etcd refused our user, password or permissions: retrying cannot help, the operator must act."""
+
+
 class Conflict(StoreError):
     """A transaction's comparison failed: someone else changed the key first."""
 

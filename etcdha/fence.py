@@ -136,7 +136,7 @@ def revoke_if_clean(etcd: Optional[dict], lease: int, empty: bool, vip_errors: S
     if not empty or vip_errors:
         return f"not handing lease {lease:x} over: the node is not verified clean; it runs out after its TTL"
     ok, what = gateway.revoke(etcd["endpoints"], lease, etcd.get("timeout", 1.0), etcd.get("ca_cert"),
-                              etcd.get("cert"), etcd.get("key"))
+                              etcd.get("cert"), etcd.get("key"), etcd.get("username"), etcd.get("password_file"))
     return f"handed over: {what}" if ok else f"handoff failed, the lease runs out after its TTL: {what}"
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Optional, Sequence
+
+PASSWORD_ENV = "ETCDHA_ETCD_PASSWORD"  # as etcdha.config (which this stdlib-only module does not import)
 
 
 def _opener(url: str, ca_cert: Optional[str], cert: Optional[str], key: Optional[str]) -> urllib.request.OpenerDirector:
@@ -33,21 +36,58 @@ def endpoint_url(endpoint: str) -> str:
     return (endpoint if "://" in endpoint else f"http://{endpoint}").rstrip("/")
 
 
+def password_of(username: Optional[str], password_file: Optional[str]) -> Optional[str]:
+    """The etcd password as the agent reads it (its file's first line, else $ETCDHA_ETCD_PASSWORD); None if no user."""
+    if not username:
+        return None
+    if password_file:
+        with open(password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return os.environ.get(PASSWORD_ENV, "")
+
+
+def _token(url: str, opener: urllib.request.OpenerDirector, username: str, password: str, timeout: float) -> str:
+    """POST /v3/auth/authenticate: the token for the Authorization header ("" when etcd's auth is off)."""
+    body = json.dumps({"name": username, "password": password}).encode()
+    request = urllib.request.Request(endpoint_url(url) + "/v3/auth/authenticate", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return json.loads(response.read(65536) or b"{}").get("token", "")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2048).decode(errors="replace")
+        if "authentication is not enabled" in detail:
+            return ""
+        raise ValueError(f"etcd refused user {username!r}: HTTP {exc.code} {detail.strip()[:200]}") from None
+
+
 def revoke(endpoints: Sequence[str], lease: int, timeout: float = 1.0, ca_cert: Optional[str] = None,
-           cert: Optional[str] = None, key: Optional[str] = None) -> tuple[bool, str]:
+           cert: Optional[str] = None, key: Optional[str] = None, username: Optional[str] = None,
+           password_file: Optional[str] = None) -> tuple[bool, str]:
     """Revoke `lease` on the first endpoint that answers: (True, what happened) or (False, every error).
 
-    A lease etcd no longer knows counts as revoked: its keys are gone either way.
+    With `username`, logs in first (the password from `password_file` or the environment,
+    never from an argument). A lease etcd no longer knows counts as revoked: its keys are
+    gone either way.
     """
     body = json.dumps({"ID": str(lease)}).encode()
     errors = []
+    try:
+        password = password_of(username, password_file)
+    except OSError as exc:
+        return False, f"cannot read the etcd password file {password_file}: {exc.strerror or exc}"
     for endpoint in endpoints:
         url = endpoint_url(endpoint) + "/v3/lease/revoke"
-        request = urllib.request.Request(url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
         started = time.monotonic()
         try:
-            with _opener(url, ca_cert, cert, key).open(request, timeout=timeout) as response:
+            opener = _opener(url, ca_cert, cert, key)
+            headers = {"Content-Type": "application/json"}
+            if username:
+                token = _token(endpoint, opener, username, password or "", timeout)
+                if token:
+                    headers["Authorization"] = token
+            request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+            with opener.open(request, timeout=timeout) as response:
                 response.read()
             return True, f"revoked lease {lease:x} at {endpoint} in {(time.monotonic() - started) * 1000:.0f}ms"
         except urllib.error.HTTPError as exc:
@@ -70,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ca-cert")
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--username", help=f"etcd user; the password from --password-file or ${PASSWORD_ENV}")
+    parser.add_argument("--password-file")
     args = parser.parse_args(argv)
     try:
         with open(args.lease_file) as f:
@@ -77,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"etcdha.gateway: no lease to revoke ({exc})", file=sys.stderr)
         return 0
-    ok, what = revoke(args.endpoint, lease, args.timeout, args.ca_cert, args.cert, args.key)
+    ok, what = revoke(args.endpoint, lease, args.timeout, args.ca_cert, args.cert, args.key, args.username,
+                      args.password_file)
     print(f"etcdha.gateway: {what}", file=sys.stderr)
     return 0 if ok else 1
 

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -24,12 +25,58 @@ from etcd3.etcdrpc import kv_pb2
 
 from etcdha import model
 from etcdha.config import EtcdConfig, parse_endpoint
-from etcdha.errors import StoreError, Unavailable
+from etcdha.errors import AuthError, ConfigError, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_AUTH_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+               grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+_AUTH_WORDS = ("auth", "permission denied", "user name", "password", "user ID")
+
+
+@dataclass
+class _Auth:
+    """Our etcd user and the token etcd gave it (None until we log in, and after etcd forgot it)."""
+
+    etcd: EtcdConfig
+    token: Optional[str] = None
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, base: grpc.ClientCallDetails, metadata: list):
+        self.method, self.timeout, self.metadata = base.method, base.timeout, metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Every call, streams (watch, keepalive) included, carries our auth token: one place, not every call site."""
+
+    def __init__(self, auth: _Auth):
+        self.auth = auth
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        if not self.auth.token:
+            return details
+        return _CallDetails(details, list(details.metadata or []) + [("token", self.auth.token)])
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001 - grpc's API
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # noqa: ANN001
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # noqa: ANN001
+        return continuation(self._with_token(details), requests)
+
+
 _CHANNEL_OPTIONS = [
     # After an etcd restart reconnect within ~1 s instead of gRPC's default backoff of up to 2 min.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -69,10 +116,15 @@ def _translate(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(self: "Store", *args, **kwargs):
-        for attempt in range(len(self._targets)):
+        reauthenticated = False
+        attempt = 0
+        while attempt < len(self._targets):
+            attempt += 1
             index = self._index
             began = time.monotonic()
             try:
+                if self._auth is not None and self._auth.token is None:
+                    self._authenticate()
                 result = func(self, *args, **kwargs)
                 if self.observer is not None:
                     self.observer(func.__name__, time.monotonic() - began, None)
@@ -83,11 +135,18 @@ def _translate(func: Callable) -> Callable:
                     self.observer(func.__name__, time.monotonic() - began, code.name if code else "UNKNOWN")
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 failed = self._endpoint_at(index)
+                if code in _AUTH_CODES and any(word in detail for word in _AUTH_WORDS):
+                    if "invalid auth token" in detail and self._auth is not None and not reauthenticated:
+                        self._auth.token = None  # expired, or etcd restarted: log in again, once
+                        reauthenticated = True
+                        attempt -= 1
+                        continue
+                    raise self._auth_error(failed, func.__name__, detail) from None
                 if code not in _UNAVAILABLE:
                     raise StoreError(f"etcd at {failed} refused {func.__name__}: {detail}") from None
                 self._rotate(index)
                 retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-                if retry and attempt + 1 < len(self._targets):
+                if retry and attempt < len(self._targets):  # (attempt counts from 1)
                     continue
                 raise Unavailable(f"etcd at {failed} did not answer {func.__name__} "
                                   f"within {self.timeout:g}s ({code.name if code else '?'}: {detail})") from None
@@ -107,6 +166,7 @@ class Store:
         self.observer: Optional[Callable[[str, float, Optional[str]], None]] = None
         self._change_lock = threading.Lock()  # claims run on several threads at once
         self._targets = [parse_endpoint(ep, "etcd endpoint") for ep in etcd.endpoints]
+        self._auth = _Auth(etcd) if etcd.username else None
         self._creds = self._credentials(etcd)
         self._lock = threading.Lock()
         self._index = 0
@@ -141,11 +201,50 @@ class Store:
         else:
             channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         old, self._channel = self._channel, channel
+        self.auth_stub = etcdrpc.AuthStub(channel)  # logging in carries no token
+        if self._auth is not None:
+            channel = grpc.intercept_channel(channel, _TokenInterceptor(self._auth))
         self.kv = etcdrpc.KVStub(channel)
         self.leases = etcdrpc.LeaseStub(channel)
         self.watch_stub = etcdrpc.WatchStub(channel)
         if old is not None:
             old.close()
+
+    def _authenticate(self) -> None:
+        """Log in as etcd.username (the password read now, from its file or the environment); raises grpc.RpcError."""
+        assert self._auth is not None
+        try:
+            password = self._auth.etcd.password()
+        except ConfigError as exc:
+            raise AuthError(str(exc)) from None
+        try:
+            resp = self.auth_stub.Authenticate(etcdrpc.AuthenticateRequest(name=self._auth.etcd.username,
+                                                                          password=password or ""),
+                                               timeout=self.timeout)
+        except grpc.RpcError as exc:
+            detail = exc.details() if hasattr(exc, "details") else ""
+            if "authentication is not enabled" in (detail or ""):
+                if self._auth.token is None:
+                    log.warning("etcd at %s has authentication disabled: etcd.username %r is not used", self.endpoint,
+                                self._auth.etcd.username)
+                self._auth.token = ""  # calls go without a token
+                return
+            raise
+        self._auth.token = resp.token
+
+    def _auth_error(self, endpoint: str, method: str, detail: str) -> AuthError:
+        """One clear line for what the operator must fix: the user, the password or the user's role."""
+        user = self._auth.etcd.username if self._auth else None
+        if "permission denied" in detail:
+            return AuthError(f"etcd at {endpoint} denies {method} under {self.prefix} to user {user!r} ({detail}): "
+                             "give the user a role with read-write access to the prefix (deploy/etcd-auth.sh); a "
+                             "read-only user serves the CLI's read commands, not an agent")
+        if "authentication failed" in detail or "user ID" in detail or "password" in detail:
+            return AuthError(f"etcd at {endpoint} refused user {user!r}: wrong user name or password ({detail})")
+        if "user name is empty" in detail or user is None:
+            return AuthError(f"etcd at {endpoint} requires authentication ({detail}): set etcd.username and "
+                             "etcd.password_file in the config, or --user and --password-file")
+        return AuthError(f"etcd at {endpoint} refused user {user!r}: {detail}")
 
     def _rotate(self, failed: int) -> None:
         """Move off endpoint `failed` to the next one, unless another thread already did."""
@@ -212,7 +311,7 @@ class Store:
     @_translate
     def revision(self) -> int:
         """Current revision of the store (a cheap linearizable read)."""
-        key = self.prefix.encode()
+        key = (self.prefix + "/").encode()  # inside the prefix: a role limited to PREFIX/ may read it
         resp = self.kv.Range(etcdrpc.RangeRequest(key=key, count_only=True), timeout=self.timeout)
         return resp.header.revision
 

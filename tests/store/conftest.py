@@ -62,8 +62,9 @@ def etcd_answers(endpoint: str, timeout: float = 1.0) -> bool:
     try:
         etcdrpc.KVStub(channel).Range(etcdrpc.RangeRequest(key=b"/ready-probe"), timeout=timeout)
         return True
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as exc:
+        # with authentication on, etcd answers an anonymous read with this once it serves requests
+        return "user name is empty" in (exc.details() or "") if hasattr(exc, "details") else False
     finally:
         channel.close()
 

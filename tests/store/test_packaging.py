@@ -29,7 +29,7 @@ def test_sdist_carries_deploy_license_scripts_and_tests(dist):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         pkg_info = tar.extractfile(next(n for n in tar.getnames() if n.endswith("/PKG-INFO"))).read().decode()
     for wanted in ("LICENSE", "README.md", "deploy/etcdha.service", "deploy/agent.yaml",
-                   "deploy/etcd-default.example", "deploy/etcd-colocated.example", "deploy/prometheus-rules.yml", "scripts/lab.py", "scripts/test",
+                   "deploy/etcd-default.example", "deploy/etcd-colocated.example", "deploy/prometheus-rules.yml", "deploy/etcd-auth.sh", "scripts/lab.py", "scripts/test",
                    "tests/unit/test_decide.py", "etcdha/agent.py"):
         assert wanted in names, f"{wanted} missing from {sdist.name}"
     assert not any("__pycache__" in n for n in names)
