@@ -53,6 +53,9 @@ def test_losing_the_etcd_leader_changes_no_owner(lab3):
             assert sampler.holder() == "n2"
             leader.start()
             assert sampler.violations == []
+    except AssertionError:
+        print(cluster.logs())  # who fenced, and why: the lab is gone after the test
+        raise
     finally:
         probe.stop()
         cluster.stop()
