@@ -161,6 +161,9 @@ class Actuator:
         """Services whose VIP is on its interface: one stdlib netlink dump per cycle."""
         try:
             by_index = netlink.addresses()
+            if any(s.vip is not None and s.vip.version == 6 for s in self.config.services.values()):
+                for index, ips in netlink.addresses(socket.AF_INET6).items():
+                    by_index.setdefault(index, set()).update(ips)
         except OSError as exc:
             log.warning("cannot list addresses: %s", exc)
             return frozenset()

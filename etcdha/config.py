@@ -139,7 +139,7 @@ class Service:
 
     name: str
     command: tuple[str, ...]
-    vip: Optional[ipaddress.IPv4Interface] = None
+    vip: Optional[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = None
     interface: Optional[str] = None
     priority: int = 100
     startsecs: int = 1
@@ -523,13 +523,17 @@ def _service(name: Any, data: Any, r: _Reader) -> Optional[Service]:
         except ValueError:
             vip = None
         if vip is None:
-            r.error(f"{path}.vip", "an address with prefix length like 198.18.0.100/24", raw)
-        elif vip.version != 4:
-            r.error(f"{path}.vip", "an IPv4 address (IPv6 VIPs are not supported yet)", raw)
+            r.error(f"{path}.vip", "an address with prefix length like 198.18.0.100/24 or 2001:db8::100/64", raw)
         elif "/" not in raw:
-            r.error(f"{path}.vip", "an explicit prefix length, e.g. 198.18.0.100/24", raw)
-        elif vip.ip.is_unspecified or vip.ip.is_multicast or vip.ip == ipaddress.IPv4Address("255.255.255.255"):
+            r.error(f"{path}.vip", "an explicit prefix length, e.g. 198.18.0.100/24 or 2001:db8::100/64", raw)
+        elif (vip.ip.is_unspecified or vip.ip.is_multicast or vip.ip.is_loopback
+              or vip.ip == ipaddress.IPv4Address("255.255.255.255")):
             r.error(f"{path}.vip", "a unicast address a host can own", raw)
+        elif vip.version == 6 and vip.ip.is_link_local:
+            r.error(f"{path}.vip", "a global or unique-local IPv6 address (a link-local one cannot move between "
+                    "hosts)", raw)
+        elif vip.version == 6 and vip.ip.ipv4_mapped is not None:
+            r.error(f"{path}.vip", "an IPv6 address that is not IPv4-mapped (write the IPv4 address)", raw)
         _interface(interface, f"{path}.interface", r)
     elif interface is not None:
         _interface(interface, f"{path}.interface", r)  # dropped without a vip, but still not garbage

@@ -1,4 +1,5 @@
-"""Virtual IPs: netlink add/remove/list (pyroute2) and gratuitous ARP (a raw packet socket).
+"""Virtual IPs: netlink add/remove/list (pyroute2), gratuitous ARP and, for IPv6, unsolicited neighbour
+advertisements (both as raw frames on a packet socket).
 
 Used by the agent and by the fence process, so it imports nothing that starts
 threads or gRPC. Everything acts on the network namespace of the calling process.
@@ -11,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -20,6 +21,8 @@ from etcdha import netlink
 from etcdha.errors import ActuatorError, ConfigError
 
 ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+IFA_F_NODAD = 0x02  # an IPv6 VIP is usable at once: we probed for duplicates ourselves, as keepalived does
 # Label put on every VIP we add, so `ip addr` shows who put it there.
 LABEL_SUFFIX = ":ha"
 
@@ -32,11 +35,16 @@ def _index(ipr: IPRoute, interface: str) -> int:
 
 
 def addresses(interface: str) -> set[str]:
-    """Every IPv4 address on `interface`, as 'a.b.c.d/len'."""
+    """Every IPv4 and IPv6 address on `interface`, as 'ADDRESS/len' (IPv6 compressed, like ipaddress)."""
     with IPRoute() as ipr:
         idx = _index(ipr, interface)
-        return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+        found = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for a in ipr.get_addr(index=idx, family=family):
+                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                if ip:
+                    found.add(f"{ipaddress.ip_address(ip)}/{a['prefixlen']}")
+        return found
 
 
 def present(interface: str, cidr: str) -> bool:
@@ -59,8 +67,12 @@ def add_many(interface: str, cidrs: Iterable[str]) -> dict[str, object]:
         for cidr in cidrs:
             vip = ipaddress.ip_interface(cidr)
             try:
-                ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
-                         broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
+                if vip.version == 4:
+                    ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
+                             broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
+                else:  # no broadcast, no labels in IPv6; skip DAD (probed before), so it is usable at once
+                    ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
+                             family=socket.AF_INET6, flags=IFA_F_NODAD)
                 done[cidr] = True
             except NetlinkError as exc:
                 done[cidr] = False if exc.code == errno.EEXIST else ActuatorError(
@@ -155,50 +167,129 @@ def in_use_elsewhere(interface: str, cidr: str, timeout: float = 0.05) -> Option
 
 
 def in_use_elsewhere_many(interface: str, ips: Iterable[str], timeout: float = 0.05) -> dict[str, str]:
-    """Probe every address at once (RFC 5227, two rounds) and listen `timeout` s: ip -> MAC of a host answering.
+    """Probe every address at once and listen `timeout` s: ip -> MAC of a host answering for it.
 
-    Run before adding VIPs we do not have, so a VIP configured on some other machine
-    (or a node that escaped fencing) is never duplicated. One socket and one wait for
-    all of them: a takeover of many services costs one probe window, not one each.
+    IPv4: RFC 5227 ARP probes; IPv6: duplicate-address-detection neighbour solicitations
+    (from ::, to the solicited-node group; a host owning the address answers with a
+    neighbour advertisement). Two rounds each. Run before adding VIPs we do not have, so a
+    VIP configured on some other machine (or a node that escaped fencing) is never
+    duplicated. One socket per family and one wait for all: a takeover of many services
+    costs one probe window, not one each.
     """
-    wanted = {socket.inet_aton(ip): ip for ip in ips}
-    if not wanted:
+    ips = list(ips)
+    v4 = [ip for ip in ips if ipaddress.ip_address(ip).version == 4]
+    v6 = [ip for ip in ips if ipaddress.ip_address(ip).version == 6]
+    if not ips:
         return {}
     found: dict[str, str] = {}
     try:
         mac = _mac(interface)
-        frames = [probe_frame(mac, ip) for ip in wanted.values()]
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
-            sock.bind((interface, 0))
-            deadline = time.monotonic() + timeout
-            rounds = 0
-            for _ in range(100000):  # bounded by the deadline below
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if rounds < 2 and left <= timeout * (1 - rounds / 2):
-                    for frame in frames:
-                        sock.send(frame)
-                    rounds += 1
-                sock.settimeout(min(left, timeout / 2))
-                try:
-                    frame = sock.recv(128)
-                except socket.timeout:
-                    continue
-                if len(frame) >= 42 and frame[28:32] in wanted:
-                    sender = reply_sender(frame, wanted[frame[28:32]], mac)
-                    if sender:
-                        found[wanted[frame[28:32]]] = sender
+        if v4:
+            wanted4 = {socket.inet_aton(ip): ip for ip in v4}
+            found.update(_probe(interface, ETH_P_ARP, [probe_frame(mac, ip) for ip in v4], timeout,
+                                lambda f: (reply_sender(f, wanted4[f[28:32]], mac), wanted4[f[28:32]])
+                                if len(f) >= 42 and f[28:32] in wanted4 else (None, "")))
+        if v6:
+            wanted6 = {ipaddress.IPv6Address(ip).packed: str(ipaddress.IPv6Address(ip)) for ip in v6}
+            found.update(_probe(interface, ETH_P_IPV6, [dad_probe_frame(mac, ip) for ip in v6], timeout,
+                                lambda f: (na_sender(f, mac), wanted6[f[62:78]])
+                                if len(f) >= 78 and f[62:78] in wanted6 else (None, "")))
     except OSError as exc:
-        raise ActuatorError(f"cannot probe for {', '.join(wanted.values())} on {interface}: {exc}") from None
+        raise ActuatorError(f"cannot probe for {', '.join(ips)} on {interface}: {exc}") from None
     return found
+
+
+def _probe(interface: str, proto: int, frames: list[bytes], timeout: float,
+           match: "Callable[[bytes], tuple[Optional[str], str]]") -> dict[str, str]:
+    """Send `frames` twice within `timeout` and collect (ip -> sender MAC) from what `match` recognises."""
+    found: dict[str, str] = {}
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto)) as sock:
+        sock.bind((interface, 0))
+        deadline = time.monotonic() + timeout
+        rounds = 0
+        for _ in range(100000):  # bounded by the deadline below
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if rounds < 2 and left <= timeout * (1 - rounds / 2):
+                for frame in frames:
+                    sock.send(frame)
+                rounds += 1
+            sock.settimeout(min(left, timeout / 2))
+            try:
+                frame = sock.recv(256)
+            except socket.timeout:
+                continue
+            sender, ip = match(frame)
+            if sender:
+                found[ip] = sender
+    return found
+
+
+# ---- IPv6: neighbour discovery frames (RFC 4861), built whole so no kernel state is involved ----------
+
+ALL_NODES = ipaddress.IPv6Address("ff02::1")
+UNSPECIFIED = ipaddress.IPv6Address("::")
+
+
+def solicited_node(ip: ipaddress.IPv6Address) -> ipaddress.IPv6Address:
+    """ff02::1:ffXX:XXXX: the group a host owning `ip` listens on for solicitations."""
+    return ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | (int(ip) & 0xFFFFFF))
+
+
+def _multicast_mac(ip: ipaddress.IPv6Address) -> bytes:
+    return b"\x33\x33" + ip.packed[-4:]
+
+
+def icmp6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
+    """The ICMPv6 checksum over the IPv6 pseudo-header and `message` (its checksum field zero)."""
+    data = src + dst + struct.pack("!I3xB", len(message), 58) + message
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _ndp_frame(src_mac: bytes, dst_mac: bytes, src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address,
+               message: bytes) -> bytes:
+    checksum = icmp6_checksum(src.packed, dst.packed, message)
+    message = message[:2] + struct.pack("!H", checksum) + message[4:]
+    ip6 = struct.pack("!IHBB", 0x60000000, len(message), 58, 255) + src.packed + dst.packed  # hop limit 255: NDP
+    return dst_mac + src_mac + struct.pack("!H", ETH_P_IPV6) + ip6 + message
+
+
+def na_frame(mac: bytes, ip: str) -> bytes:
+    """An unsolicited neighbour advertisement for `ip` to all nodes (override set, with our link-layer address):
+    the IPv6 counterpart of gratuitous ARP, from the VIP itself."""
+    vip = ipaddress.IPv6Address(ip)
+    message = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + vip.packed + struct.pack("!BB", 2, 1) + mac
+    return _ndp_frame(mac, _multicast_mac(ALL_NODES), vip, ALL_NODES, message)
+
+
+def dad_probe_frame(mac: bytes, ip: str) -> bytes:
+    """A duplicate-address-detection solicitation for `ip` (from ::, so no neighbour cache learns from it)."""
+    vip = ipaddress.IPv6Address(ip)
+    group = solicited_node(vip)
+    message = struct.pack("!BBHI", 135, 0, 0, 0) + vip.packed
+    return _ndp_frame(mac, _multicast_mac(group), UNSPECIFIED, group, message)
+
+
+def na_sender(frame: bytes, own_mac: bytes) -> Optional[str]:
+    """The sender's MAC if `frame` is a neighbour advertisement from another host (its target: frame[62:78])."""
+    if len(frame) < 78 or frame[12:14] != struct.pack("!H", ETH_P_IPV6) or frame[20] != 58 or frame[54] != 136:
+        return None
+    sender = frame[6:12]
+    return None if sender == own_mac else ":".join(f"{b:02x}" for b in sender)
 
 
 GARP_SCHEDULE = (0.0, 0.25, 0.5, 1.25, 2.5)  # seconds after the VIP is added; later ones outlast ARP locktime
 
 
 class Announcer:
-    """Sends gratuitous ARP (request and reply) for every VIP we add, on GARP_SCHEDULE, from one thread.
+    """Sends gratuitous ARP (request and reply; an unsolicited NA for IPv6) for every VIP we add, on
+    GARP_SCHEDULE, from one thread.
 
     Several rounds, as keepalived does: a neighbour that updated its entry for the VIP
     less than its locktime (1 s) ago may ignore the first ones. A VIP's rounds stop as
@@ -234,18 +325,22 @@ class Announcer:
         return events
 
     def _send(self, interface: str, cidrs: list[str]) -> None:
+        """Gratuitous ARP (request and reply) for IPv4 VIPs, an unsolicited neighbour advertisement for IPv6 ones."""
         try:
             mac = _mac(interface)
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+            frames = []
+            for cidr in cidrs:
+                vip = ipaddress.ip_interface(cidr).ip
+                frames += arp_frames(mac, str(vip)) if vip.version == 4 else [na_frame(mac, str(vip))]
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
                 sock.bind((interface, 0))
-                for cidr in cidrs:
-                    for frame in arp_frames(mac, str(ipaddress.ip_interface(cidr).ip)):
-                        try:
-                            sock.send(frame)
-                        except OSError:
-                            pass
+                for frame in frames:
+                    try:
+                        sock.send(frame)
+                    except OSError:
+                        pass
         except (OSError, ActuatorError) as exc:
-            raise ActuatorError(f"cannot send gratuitous ARP on {interface} for {', '.join(cidrs)}: {exc}") from None
+            raise ActuatorError(f"cannot announce {', '.join(cidrs)} on {interface}: {exc}") from None
 
     def _run(self) -> None:
         for _ in range(10_000_000):  # bounded; exits when nothing is pending

@@ -18,6 +18,7 @@ namespaces by name.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -35,6 +36,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 NET = "198.18.0"
+NET6 = "2001:2::"  # every member also has NET6 + its IPv4 address's last number, /64 (the IPv6 benchmarking range)
+VIP6 = "2001:2::100"
 CLIENT_IP = f"{NET}.50"
 VIP = f"{NET}.100"
 PORT = 8080
@@ -240,6 +243,7 @@ class Lab:
             sh("ip", "-n", sw, "link", "set", role, "master", "br0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{NET6}{ip.rsplit('.', 1)[1]}/64", "dev", "eth0", "nodad")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for name in self.node_names:
             # a long-lived process per node namespace whose /proc/PID/net shows that namespace
@@ -286,7 +290,14 @@ class Lab:
     # ---- observing a node without entering it -------------------------------------------------
 
     def vip_on(self, name: str, ip: str = VIP) -> bool:
-        """Is `ip` a local address in node `name`'s namespace? (/proc/PID/net/fib_trie of its holder)"""
+        """Is `ip` a local address in node `name`'s namespace? (/proc/PID/net/fib_trie or if_inet6 of its holder)"""
+        if ":" in ip:
+            try:
+                text = Path(f"/proc/{self.holders[name].pid}/net/if_inet6").read_text()
+            except OSError:
+                return False
+            wanted = ipaddress.IPv6Address(ip).packed.hex()
+            return any(line.split()[0] == wanted for line in text.splitlines() if line.strip())
         try:
             lines = Path(f"/proc/{self.holders[name].pid}/net/fib_trie").read_text().splitlines()
         except OSError:

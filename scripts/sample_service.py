@@ -6,6 +6,7 @@ etcdha gives it ETCDHA_NODE, ETCDHA_VIP and ETCDHA_FENCING_TOKEN in its environm
 import argparse
 import os
 import signal
+import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -72,6 +73,8 @@ def main() -> None:
     if args.child_ignores_term and os.fork() == 0:
         linger(ignore_term=True)
     ThreadingHTTPServer.allow_reuse_address = True
+    if ":" in args.bind:  # an IPv6 VIP
+        ThreadingHTTPServer.address_family = socket.AF_INET6
     ThreadingHTTPServer((args.bind, args.port), Handler).serve_forever()
 
 

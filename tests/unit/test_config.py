@@ -221,9 +221,12 @@ def test_vip_without_prefix_length():
          "services.web.vip: expected an explicit prefix length")
 
 
-def test_ipv6_vip_rejected():
-    msg = fail(doc(services={"web": svc(vip="2001:db8::10/64", interface="eth0")}), "services.web.vip")
-    assert "IPv4" in msg
+def test_ipv6_vip_accepted_but_not_link_local_or_mapped():
+    c = config.parse(doc(services={"web": svc(vip="2001:db8::10/64", interface="eth0")}))
+    assert str(c.services["web"].vip) == "2001:db8::10/64" and c.vips == (("eth0", "2001:db8::10/64"),)
+    assert "link-local" in fail(doc(services={"web": svc(vip="fe80::10/64", interface="eth0")}), "services.web.vip")
+    assert "IPv4-mapped" in fail(doc(services={"web": svc(vip="::ffff:198.18.0.1/128", interface="eth0")}),
+                                 "services.web.vip")
 
 
 @pytest.mark.parametrize("interface", [None, "", "eth 0", "a/b", "x" * 16, 5])

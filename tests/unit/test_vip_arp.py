@@ -52,3 +52,40 @@ def test_other_address():
     frames = vip.arp_frames(b"\xaa\xbb\xcc\xdd\xee\xff", "10.1.2.3")
     assert all(parse(f)["spa"] == "10.1.2.3" == parse(f)["tpa"] for f in frames)
     assert all(parse(f)["sha"] == b"\xaa\xbb\xcc\xdd\xee\xff" for f in frames)
+
+
+# ---- IPv6: neighbour discovery frames --------------------------------------------------------------
+
+OURS, THEIRS = bytes.fromhex("020000000001"), bytes.fromhex("02000000abcd")
+
+
+def test_unsolicited_neighbour_advertisement_frame():
+    import ipaddress
+
+    f = vip.na_frame(OURS, "2001:2::100")
+    assert f[:6] == bytes.fromhex("333300000001") and f[6:12] == OURS and f[12:14] == b"\x86\xdd"
+    assert f[18:20] == (len(f) - 54).to_bytes(2, "big") and f[20] == 58 and f[21] == 255  # ICMPv6, hop limit 255
+    assert f[22:38] == ipaddress.IPv6Address("2001:2::100").packed  # from the VIP itself
+    assert f[38:54] == ipaddress.IPv6Address("ff02::1").packed      # to all nodes
+    assert f[54] == 136 and f[55] == 0 and f[58] & 0xE0 == 0x20      # NA; override, not solicited, not router
+    assert f[62:78] == ipaddress.IPv6Address("2001:2::100").packed
+    assert f[78:80] == b"\x02\x01" and f[80:86] == OURS              # target link-layer address option
+    assert vip.icmp6_checksum(f[22:38], f[38:54], f[54:]) == 0       # a valid checksum sums to zero
+
+
+def test_duplicate_address_probe_frame():
+    import ipaddress
+
+    f = vip.dad_probe_frame(OURS, "2001:2::1:2:100")
+    group = ipaddress.IPv6Address("ff02::1:ff02:100")
+    assert f[:6] == bytes.fromhex("3333ff020100") and f[21] == 255
+    assert f[22:38] == bytes(16) and f[38:54] == group.packed       # from ::, to the solicited-node group
+    assert f[54] == 135 and f[62:78] == ipaddress.IPv6Address("2001:2::1:2:100").packed and len(f) == 78
+    assert vip.icmp6_checksum(f[22:38], f[38:54], f[54:]) == 0
+
+
+def test_an_advertisement_from_another_host_names_its_mac_ours_and_others_do_not():
+    assert vip.na_sender(vip.na_frame(THEIRS, "2001:2::100"), OURS) == "02:00:00:00:ab:cd"
+    assert vip.na_sender(vip.na_frame(OURS, "2001:2::100"), OURS) is None
+    assert vip.na_sender(vip.dad_probe_frame(THEIRS, "2001:2::100"), OURS) is None  # a solicitation, not an answer
+    assert vip.na_sender(b"\x00" * 40, OURS) is None
