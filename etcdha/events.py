@@ -70,11 +70,14 @@ class Hook:
             self._ready.notify()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued for at most `timeout` seconds, then stop."""
+        """Deliver what is queued for at most `timeout` seconds, then stop; a call still running is killed."""
         with self._ready:
             self._queue.append(None)
             self._ready.notify()
         self._thread.join(timeout)
+        if self._thread.is_alive() and self.group is not None:
+            log.warning("notification hook: stopping with calls still queued or running; killing the running one")
+            cgroup.empty(self.group)
 
     def _run(self) -> None:
         while True:

@@ -306,11 +306,15 @@ class Prober:
             return found
 
     def stop(self) -> None:
+        """No more probes; an exec check still running is killed with its cgroup (the agent is stopping)."""
         with self._lock:
             self._stopped = True
             self._tracked.clear()
             self._lock.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for group in [self.checks_dir / name for name in self.services]:
+            if group.exists():
+                cgroup.empty(group)
 
     # ---- the scheduler thread ----
 

@@ -183,3 +183,13 @@ def test_recovery_is_reported_once_after_a_restart(tmp_path):
     finally:
         p.stop()
         listening.close()
+
+
+def test_stopping_the_prober_kills_a_check_still_running(cgroup_root):
+    check = Check("slow", "exec", command=("/bin/sh", "-c", "sleep 100 & sleep 100"), interval=10, timeout=9)
+    p = prober(check, cgroup_dir=cgroup_root)
+    group = cgroup_root / "web" / "slow"
+    p.track({"web": (7, time.monotonic())}, frozenset({"web"}))
+    wait_for(lambda: group.exists() and len(cgroup.pids(group)) >= 2, 5, "the check to run")
+    p.stop()
+    assert not cgroup.populated(group), cgroup.pids(group)

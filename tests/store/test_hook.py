@@ -67,3 +67,17 @@ def test_a_failing_or_missing_command_is_logged_and_the_next_call_still_runs(tmp
     assert out.read_text().split() == ["claimed", "started"]
     assert "notification hook for claimed web: exit 4" in caplog.text
     assert "notification hook for claimed web: cannot run /no/such/hook" in caplog.text
+
+
+def test_closing_kills_a_call_still_running(tmp_path, cgroup_root):
+    group = cgroup_root / "_hooks"
+    hook = Hook(["/bin/sh", "-c", "sleep 100 & sleep 100"], timeout=60, group=group)
+    hook(event("claimed"))
+    deadline = time.monotonic() + 5
+    while len(cgroup.pids(group) if group.exists() else []) < 2:
+        assert time.monotonic() < deadline, "the call did not start"
+        time.sleep(0.02)
+    began = time.monotonic()
+    hook.close(timeout=0.5)
+    assert time.monotonic() - began < 5
+    assert not cgroup.populated(group), cgroup.pids(group)
