@@ -153,8 +153,8 @@ class Actuator:
         counts = self.cgroups.counts()
         died = [s for s in self.config.services if programs.get(s) == "RUNNING" and counts.get(s) == 0]
         if died:
-            fresh = self.supervisor.states(fresh=True)
-            programs = {**programs, **{s: fresh[s] for s in died if s in fresh}}
+            fresh = self.supervisor.states_of(died)
+            programs = {**programs, **fresh}
         return Local(programs, counts, self.vips_up())
 
     def vips_up(self) -> frozenset[str]:

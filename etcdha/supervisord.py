@@ -144,6 +144,7 @@ class StateFeed(threading.Thread):
         self._awaiting: dict[str, str] = {}  # program -> state `note`d before its event came: older ones are stale
         self._since: dict[str, float] = {}  # program -> monotonic time it was last seen to change state
         self._serial: Optional[int] = None  # pool serial of the last datagram (None: any is next)
+        self._gap = 0  # `events` when a datagram was last found missing: a full read made before it is not enough
         self._synced_at: Optional[float] = None  # monotonic time of the last full read loaded
         self.events = 0  # datagrams received
         if path.exists() or path.is_symlink():
@@ -193,6 +194,7 @@ class StateFeed(threading.Thread):
             self.events += 1
             if (self._serial is not None and serial != self._serial + 1) or not name:
                 self._synced_at = None  # something was missed (or supervisord restarted): read everything
+                self._gap = self.events
             self._serial = serial
             if name:
                 recent = self._recent.setdefault(name, [])
@@ -219,12 +221,24 @@ class StateFeed(threading.Thread):
                        for name, state in self._states.items() if state in PENDING)
 
     def load(self, states: Mapping[str, str], events_before: int, now: float) -> None:
-        """Take a full read, made after `events_before` events had come in."""
+        """Take a full read, made after `events_before` events had come in.
+
+        An event that came in while the read was made is at least as new as the read for its
+        program (a program's events come in order, and one still on its way corrects both), so
+        it is applied on top. The read is trusted unless a datagram went missing meanwhile:
+        refusing every read during which an event came meant one full read per cycle for as
+        long as a takeover of hundreds of programs lasted, on both sides of the socket.
+        """
         with self._lock:
-            self._states = dict(states)
-            self._since = {name: now for name in states}
+            merged = dict(states)
+            for name, recent in self._recent.items():
+                newer = [state for index, state in recent if index > events_before]
+                if newer:
+                    merged[name] = newer[-1]
+            self._states = merged
+            self._since = {name: now for name in merged}
             self._awaiting.clear()
-            self._synced_at = now if self.events == events_before else None
+            self._synced_at = now if self._gap <= events_before else None
 
     def note(self, name: str, state: str, events_before: int) -> None:
         """What a call made after `events_before` events just told us about `name`.
@@ -346,14 +360,14 @@ class Supervisor:
         if self.feed is not None:
             self.feed.stop()
 
-    def states(self, fresh: bool = False) -> dict[str, str]:
+    def states(self) -> dict[str, str]:
         """service -> supervisord state name, for the programs supervisord knows.
 
-        From the event feed when it is current (unless `fresh`); otherwise one
-        getAllProcessInfo, loaded into the feed.
+        From the event feed when it is current; otherwise one getAllProcessInfo, loaded
+        into the feed (with the events that came in meanwhile on top).
         """
         feed, now = self.feed, time.monotonic()
-        if feed is not None and not fresh:
+        if feed is not None:
             known = feed.current(now)
             if known is not None:
                 if now >= self._next_nudge and feed.due(now, self._startsecs):
@@ -361,8 +375,11 @@ class Supervisor:
                 return known
             events_before = feed.events
         states = {name: p["statename"] for name, p in self.processes().items()}
-        if feed is not None and not fresh:
+        if feed is not None:
             feed.load(states, events_before, now)
+            merged = feed.current(now)
+            if merged is not None:
+                return merged
         return states
 
     def nudge(self, now: float) -> None:
@@ -375,6 +392,11 @@ class Supervisor:
             self._call("getState")
         except ActuatorError:
             pass  # supervisord's death is the fence's business; the next full read says more
+
+    def states_of(self, names: list[str]) -> dict[str, str]:
+        """The current state of a few programs, asked directly (one round trip, not all of them)."""
+        results = self._multicall([{"methodName": "supervisor.getProcessInfo", "params": [name]} for name in names])
+        return {name: r["statename"] for name, r in zip(names, results) if isinstance(r, dict) and "statename" in r}
 
     def processes(self) -> Mapping[str, Mapping]:
         """service -> supervisord's process info (statename, pid), one call for all."""

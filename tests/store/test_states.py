@@ -170,3 +170,15 @@ def test_a_stopped_program_stops_at_once_when_resumed_after_the_stop_signal(sup)
     sup.stop(PATIENT, lambda: cgroup.signal_all(group, signal.SIGCONT))
     assert time.monotonic() - began < 5, "the stop waited for stopwaitsecs"
     assert not cgroup.populated(group)
+
+
+def test_a_few_programs_are_asked_about_directly_not_with_a_full_read(sup):
+    _start(sup, "d")
+    wait_for(lambda: sup.states()["d"] == "RUNNING", 5, interval=0.02, what="d RUNNING")
+    reads = sup.full_reads
+    kill_pid(sup.processes()["d"]["pid"])
+    reads += 1
+    wait_for(lambda: sup.states_of(["d", "e"]) == {"d": "EXITED", "e": "STOPPED"}, 5, interval=0.02,
+             what="d EXITED when asked directly")
+    assert sup.states_of(["no-such-program"]) == {}
+    assert sup.full_reads == reads

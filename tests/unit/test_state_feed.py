@@ -27,11 +27,25 @@ def test_nothing_is_trusted_before_a_full_read(feed):
     assert feed.current(RESYNC + 0.5) is None  # the safety net: read everything again
 
 
-def test_a_full_read_during_which_events_came_is_not_trusted(feed):
+def test_events_that_came_during_a_full_read_are_applied_on_top_of_it(feed):
+    feed.load({}, feed.events, 0.0)
     before = feed.events
     ev(feed, 1, "STARTING")
-    feed.load({"web": "STOPPED"}, before, 0.0)
-    assert feed.current(0.0) is None
+    ev(feed, 2, "STOPPING", "db")
+    ev(feed, 3, "STOPPED", "db")
+    feed.load({"web": "STOPPED", "db": "RUNNING", "cache": "RUNNING"}, before, 1.0)
+    assert feed.current(1.0) == {"web": "STARTING", "db": "STOPPED", "cache": "RUNNING"}
+
+
+def test_a_full_read_during_which_a_datagram_went_missing_is_not_trusted(feed):
+    feed.load({}, feed.events, 0.0)
+    ev(feed, 1, "RUNNING")
+    before = feed.events
+    ev(feed, 3, "STOPPED")  # 2 never came
+    feed.load({"web": "STOPPED"}, before, 1.0)
+    assert feed.current(1.0) is None
+    feed.load({"web": "STOPPED"}, feed.events, 2.0)  # the next read, with no gap during it, is
+    assert feed.current(2.0) == {"web": "STOPPED"}
 
 
 @pytest.mark.parametrize("serials, trusted", [
