@@ -256,77 +256,128 @@ def health_lab(scenarios: list[str], trials: int, ttl: int) -> HealthResult:
 
 # ---- scale mode: `--services N[,N...]` ---------------------------------------------------------
 
-POLL_INTERVAL = 0.1   # the status poller's shortest pause between polls (it adapts to its own cost)
-POLL_DUTY = 0.5       # ... so that polling takes at most this share of one core
+LINE_EVERY = 0.02      # the watch feed's shortest pause between lines (changes in between make one line)
+HEARTBEAT = 0.5       # ... and a line at least this often, changed or not
 SETTLE_QUIET = 2.0    # "quiet": every service RUNNING on a live owner and no change seen for this long
 
 
-def poll_status(argv: list[str]) -> int:
-    """`bench.py poll-status ENDPOINTS PREFIX DURATION`: the scale benchmark's status poller.
+def watch_status(argv: list[str]) -> int:
+    """`bench.py watch-status ENDPOINTS PREFIX DURATION`: the scale benchmark's view of the cluster.
 
-    Runs in the client namespace. Calls `etcdha --endpoints E --prefix P status --json` in-process
-    (the stable interface, without a Python start-up per poll) and prints one JSON line per poll:
-    {"ts": start, "t": end (monotonic), "s": {SERVICE: [owner, state]} for the services that
-    changed since the previous line, "gone": [...], "n": {NODE: [alive, drained]}}, or
-    {"ts", "t", "error"}. The pause between polls is POLL_INTERVAL, or longer so that polling
-    takes at most POLL_DUTY of a core. Lines on stdin: "pause" (no etcd request at all until
-    "resume"); EOF ends it. Bounded by DURATION seconds.
+    Runs in the client namespace. Lists the prefix once, then applies etcd's watch events
+    (etcdha's own Watcher: it resumes a broken stream and lists again after a compaction) to
+    the keys that make `etcdha status`'s owner and state columns: owners/, nodes/ (each node's
+    program states) and drain/, decoded by etcdha's own model. Prints one JSON line per batch
+    of changes, at most every LINE_EVERY s, and at least every HEARTBEAT s:
+    {"ts": when the batch's last change came, "t": the same (monotonic; the state held by
+    then), "s": {SERVICE: [owner, state]} for the services that changed since the previous
+    line, "gone": [...], "n": {NODE: [alive, drained]}}, or {"ts", "t", "error"}.
+    Polling `etcdha status --json` instead cost 60 ms of CPU a poll at N = 500 (half a core
+    at five polls a second, on a 2-core machine whose takeovers are CPU-bound) and saw a
+    change up to a poll period late; a watch costs in proportion to the changes and sees
+    each when etcd sends it; idle, it sends etcd nothing. EOF on stdin ends it, and so does
+    DURATION seconds.
     """
-    import io
-
-    from etcdha import cli
+    from etcdha import model
+    from etcdha.config import EtcdConfig
+    from etcdha.store import Store, Watcher
 
     endpoints, prefix, duration = argv[0], argv[1], float(argv[2])
-    args = ["--endpoints", endpoints, "--prefix", prefix, "--timeout", "2", "status", "--json"]
+    store = Store(EtcdConfig(endpoints=tuple(endpoints.split(",")), prefix=prefix, timeout=2.0))
+    lock = threading.Lock()
+    owners: dict[str, str] = {}
+    states: dict[str, dict[str, str]] = {}  # node -> service -> program state
+    drained: set[str] = set()
+    mark = {"at": 0.0}
+    changed = threading.Event()
+
+    def put(kv: model.KV) -> None:
+        kind, _, rest = kv.key[len(prefix) + 1:].partition("/")
+        if kind == "owners":
+            owner = model.build_view(prefix, 0, [kv]).owners.get(rest)
+            owners[rest] = owner.node if owner else model.UNKNOWN_OWNER
+        elif kind == "nodes":
+            node = model.build_view(prefix, 0, [kv]).nodes.get(rest)
+            states[rest] = dict(node.services) if node else {}
+        elif kind == "drain":
+            drained.add(rest)
+
+    def delete(key: str) -> None:
+        kind, _, rest = key[len(prefix) + 1:].partition("/")
+        {"owners": owners, "nodes": states}.get(kind, {}).pop(rest, None)
+        if kind == "drain":
+            drained.discard(rest)
+
+    class Keys(Watcher):
+        trust_progress = False  # resume only after the last event applied: never skip one
+
+        def _start_over(self) -> None:
+            revision, kvs = self.store.listing()
+            with lock:
+                owners.clear(), states.clear(), drained.clear()
+                for kv in kvs:
+                    put(kv)
+                self.revision = revision
+                mark["at"] = time.monotonic()
+            changed.set()
+
+        def _apply(self, events) -> None:  # noqa: ANN001 - protobuf repeated field
+            with lock:
+                for ev in events:
+                    if ev.type == ev.DELETE:
+                        delete(ev.kv.key.decode(errors="replace"))
+                    else:
+                        put(store._kvs([ev.kv])[0])
+                mark["at"] = time.monotonic()
+            changed.set()
+
+    watcher = Keys(store, lambda: None)
+    watcher.start()
     end = time.monotonic() + duration
     last: dict[str, list] = {}
-    paused, pending = False, b""
-    while time.monotonic() < end:
-        wait = 0.2
-        if not paused:
-            ts = time.monotonic()
-            out = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(out):
-                    cli.main(args, prog_name="etcdha", standalone_mode=False)
-                doc = json.loads(out.getvalue())
-                t = time.monotonic()
-                now = {name: [svc.get("owner"), svc.get("state")] for name, svc in doc["services"].items()}
-                line = {"ts": ts, "t": t, "s": {k: v for k, v in now.items() if last.get(k) != v},
-                        "gone": [k for k in last if k not in now],
-                        "n": {name: [bool(n.get("alive")), bool(n.get("drained"))] for name, n in doc["nodes"].items()}}
-                last = now
-            except Exception as exc:  # noqa: BLE001 - etcd unreachable or anything: this poll saw nothing
-                line = {"ts": ts, "t": time.monotonic(), "error": f"{type(exc).__name__}: {exc}"[:300]}
-            print(json.dumps(line), flush=True)
-            took = time.monotonic() - ts
-            wait = max(POLL_INTERVAL, took * (1 / POLL_DUTY - 1))
-        if select.select([sys.stdin], [], [], wait)[0]:
-            data = os.read(sys.stdin.fileno(), 4096)
-            if not data:
+    last_line = 0.0
+    try:
+        while time.monotonic() < end:
+            if select.select([sys.stdin], [], [], LINE_EVERY)[0] and not os.read(sys.stdin.fileno(), 4096):
                 return 0
-            pending += data
-            while b"\n" in pending:
-                command, pending = pending.split(b"\n", 1)
-                if command.strip() == b"pause":
-                    paused = True
-                elif command.strip() == b"resume":
-                    paused = False
-                    last = {}  # the next line is complete again
+            if not watcher.connected.is_set() and watcher.restarts and time.monotonic() - last_line >= HEARTBEAT:
+                now = time.monotonic()
+                print(json.dumps({"ts": now, "t": now, "error": f"watch not connected ({watcher.restarts} restarts)"}),
+                      flush=True)
+                last_line = now
+                continue
+            dirty = changed.is_set()
+            if not watcher.connected.is_set() or (not dirty and time.monotonic() - last_line < HEARTBEAT):
+                continue
+            changed.clear()
+            with lock:
+                at = mark["at"]
+                now = {name: [node, states.get(node, {}).get(name, "UNKNOWN")] for name, node in owners.items()}
+                nodes = {name: [True, name in drained] for name in states}
+                nodes.update({name: [False, True] for name in drained if name not in states})
+            stamp = at if dirty else time.monotonic()
+            line = {"ts": stamp, "t": stamp, "s": {k: v for k, v in now.items() if last.get(k) != v},
+                    "gone": [k for k in last if k not in now], "n": nodes}
+            last = now
+            last_line = time.monotonic()
+            print(json.dumps(line), flush=True)
+    finally:
+        watcher.stop()
+        store.close()
     return 0
 
 
 class Watch:
-    """The first poll that started at or after `after` and in which `pred(services, nodes)` held."""
+    """The first feed line at or after `after` in which `pred(services, nodes)` held."""
 
     def __init__(self, pred: Callable[[dict, dict], bool], after: float):
         self.pred, self.after = pred, after
-        self.at: Optional[float] = None   # that poll's end time (the state was reached by then)
+        self.at: Optional[float] = None   # that line's time (the state was reached by then)
         self.done = threading.Event()
 
 
 class Feed:
-    """The poller's lines, applied to a current view: services {NAME: (owner, state)}, nodes {NAME: (alive, drained)}."""
+    """The watch feed's lines, applied to a current view: services {NAME: (owner, state)}, nodes {NAME: (alive, drained)}."""
 
     def __init__(self, cluster: L.Cluster, duration: float):
         endpoints = ",".join(f"http://{cluster.lab.etcd_ip(r)}:2379" for r in cluster.lab.etcd_roles)
@@ -335,20 +386,19 @@ class Feed:
         self.polls = 0
         self.errors = 0
         self.last_error = ""
-        self.durations: list[float] = []
-        self.periods: list[float] = []
+        self.started = time.monotonic()
+        self.cpu = 0.0  # share of one core the feed used, known after stop()
         self.last_change = 0.0
         self.last_poll = 0.0
         self._lock = threading.Lock()
         self._watches: list[Watch] = []
-        self.proc = cluster.lab.popen("cl", [sys.executable, str(Path(__file__).resolve()), "poll-status", endpoints,
+        self.proc = cluster.lab.popen("cl", [sys.executable, str(Path(__file__).resolve()), "watch-status", endpoints,
                                              cluster.prefix, str(duration)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        previous_start = None
         for text in self.proc.stdout:
             try:
                 line = json.loads(text)
@@ -356,14 +406,10 @@ class Feed:
                 continue
             with self._lock:
                 self.polls += 1
-                if previous_start is not None and line["ts"] - previous_start < 5:
-                    self.periods.append(line["ts"] - previous_start)
-                previous_start = line["ts"]
                 if "error" in line:
                     self.errors += 1
                     self.last_error = line["error"]
                     continue
-                self.durations.append(line["t"] - line["ts"])
                 nodes = {k: tuple(v) for k, v in line["n"].items()}
                 if line["s"] or line["gone"] or nodes != self.nodes:
                     self.last_change = line["t"]
@@ -392,13 +438,12 @@ class Feed:
         with self._lock:
             return dict(self.services), dict(self.nodes)
 
-    def send(self, command: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-
     def stop(self) -> None:
         if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                self.cpu = used / max(1e-9, time.monotonic() - self.started)
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
             try:
@@ -473,8 +518,7 @@ class ScaleResult:
     plain_sample_cost: float = 0.0
     violations: int = 0
     violation_lines: list[str] = field(default_factory=list)
-    poll_period: float = 0.0
-    poll_cost: float = 0.0
+    feed_cpu: float = 0.0  # share of a core the watch feed used
     problems: list[str] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
     handoffs: dict[str, int] = field(default_factory=dict)     # node -> fence firings after its agent was killed
@@ -556,9 +600,7 @@ def restart(cluster: L.Cluster, feed: Feed, node: str, names: list[str], timeout
 
 def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> dict:
     """RSS and CPU of every agent, fence and supervisord, eth0 bytes per node and etcd's gRPC
-    messages over `seconds` of idle (the status poller paused: it sends no request meanwhile)."""
-    feed.send("pause")
-    time.sleep(1.0)  # a poll in flight ends
+    messages over `seconds` of idle (the watch feed sends etcd nothing meanwhile)."""
     settled = writes_settle(etcd, WRITE_SETTLE_LIMIT)
     procs = {}
     for name, node in cluster.nodes.items():
@@ -590,7 +632,6 @@ def idle_cost(cluster: L.Cluster, etcd: L.Etcd, feed: Feed, seconds: float) -> d
     except subprocess.TimeoutExpired:
         watch.kill()
         watched, _ = watch.communicate()
-    feed.send("resume")
     result = {"window": window, "rss": {}, "cpu": {}, "bytes": {}, "settled": settled,
               "writes": written_keys(watched, cluster.prefix)}
     for (n, kind), before in c0.items():
@@ -702,7 +743,7 @@ class ScaleRun:
         try:
             self.etcd.start()
             self.feed = Feed(self.cluster, duration=6 * 3600)
-            L.wait_until(lambda: self.feed.polls > 0, 30, "the status poller's first poll", interval=0.1)
+            L.wait_until(lambda: self.feed.polls > 0, 30, "the watch feed's first line", interval=0.1)
             with L.ScaleSampler(self.lab, interval=0.02, services=self.vips) as sampler:
                 self.out(f"{self.n} services ({result.vips} with a VIP), lab {self.lab.workdir}")
                 if self.cold_start():
@@ -724,11 +765,9 @@ class ScaleRun:
                     result.problems.append(f"{sampler.errors} samples failed")
             if self.feed:
                 self.feed.stop()
-                if self.feed.periods:
-                    result.poll_period = statistics.median(self.feed.periods)
-                    result.poll_cost = statistics.median(self.feed.durations) if self.feed.durations else 0.0
+                result.feed_cpu = self.feed.cpu
                 if self.feed.errors:
-                    result.problems.append(f"(instrument) {self.feed.errors} of {self.feed.polls} status polls failed "
+                    result.problems.append(f"(instrument) {self.feed.errors} of {self.feed.polls} feed lines were errors "
                                            f"(last: {self.feed.last_error[:200]})")
             scan_logs(self.cluster, result)
             self.cluster.stop()
@@ -738,9 +777,10 @@ class ScaleRun:
         """1. From starting the three agents to every service owned, then RUNNING. True if the cluster got quiet."""
         result, feed = self.result, self.feed
         note_load(result, self.lab.tag)
+        self.cluster.write_configs()  # an operator's configs are there before the agents start
         t0 = time.monotonic()
         owned, running = feed.watch(all_owned(self.names), t0), feed.watch(all_running(self.names), t0)
-        self.cluster.start()
+        self.cluster.start(write_config=False)
         wait_watches([owned, running], t0 + self.timeout)
         feed.forget(owned, running)
         result.cold = Phase(moved=self.n, timeout=self.timeout, times={
@@ -906,7 +946,8 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
              + (" (so RUNNING comes >= 1 s after a start)" if startsecs in (None, 1) else ""),
              "seconds from the fault (cold start: from starting the agents; drain: from launching "
              "`etcdha drain --wait`, Python start-up included)",
-             "as seen by `etcdha status --json` polled in-process (resolution: poll period, see below);",
+             "as seen by a watch on the cluster's keys (owner, and the program state in the owner's node key, as "
+             "`etcdha status` shows them), at the time etcd's event reached the client namespace;",
              f"faults hit the node owning about N/3; trials as min / median / max (count), {trials} per fault", ""]
     header = [""] + [f"N={r.n}" for r in results]
     rows: list[list[str]] = []
@@ -952,8 +993,7 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
                                   for r in results])
     row("  lab.Sampler would cost", [f"{r.plain_sample_cost:.2f}s a sample" if r.plain_sample_cost else "-"
                                      for r in results])
-    row("status poll every (cost)", [f"{r.poll_period:.2f}s ({r.poll_cost * 1000:.0f} ms)" if r.poll_period else "-"
-                                     for r in results])
+    row("watch feed CPU % of a core", [f"{r.feed_cpu * 100:.1f}" if r.feed_cpu else "-" for r in results])
     row("fence handoffs (agent kills)", [str(sum(r.handoffs.values())) for r in results])
     row("load average at phase starts", [f"{min(r.load):.1f}-{max(r.load):.1f}" if r.load else "-" for r in results])
     row("other etcdha labs meanwhile", [str(len(r.others)) for r in results])
@@ -1168,4 +1208,4 @@ def shared_lab(scenarios: list[str], trials: int, ttl: int,
 
 
 if __name__ == "__main__":
-    sys.exit(poll_status(sys.argv[2:]) if sys.argv[1:2] == ["poll-status"] else main())
+    sys.exit(watch_status(sys.argv[2:]) if sys.argv[1:2] == ["watch-status"] else main())

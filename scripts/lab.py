@@ -480,10 +480,15 @@ class Node:
                             for name, svc in base["services"].items()}
         return base
 
-    def start(self) -> None:
+    def write_config(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "agent.yaml"
         cfg.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        return cfg
+
+    def start(self, write_config: bool = True) -> None:
+        """Start the agent, on a freshly written config unless `write_config` is False (written already)."""
+        cfg = self.write_config() if write_config else self.dir / "agent.yaml"
         self.proc = self.lab.popen(self.name, [sys.executable, "-m", "etcdha", "agent", "--config", str(cfg)],
                                    stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -583,9 +588,14 @@ class Cluster:
         self.nodes = {n: Node(lab, n, prefix, {**(settings or {}), **(per_node or {}).get(n, {})})
                       for n in lab.node_names}
 
-    def start(self) -> None:
+    def start(self, write_config: bool = True) -> None:
         for node in self.nodes.values():
-            node.start()
+            node.start(write_config)
+
+    def write_configs(self) -> None:
+        """Write every agent's config now, e.g. so a timed start does not include dumping 500 services as YAML."""
+        for node in self.nodes.values():
+            node.write_config()
 
     def stop(self) -> None:
         for node in self.nodes.values():
