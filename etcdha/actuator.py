@@ -168,14 +168,17 @@ class Actuator:
             log.warning("cannot list addresses: %s", exc)
             return frozenset()
         up = set()
+        indexes: dict[str, Optional[int]] = {}  # one lookup per interface, not per service
         for s in self.config.services.values():
             if s.vip is None:
                 continue
-            try:
-                index = socket.if_nametoindex(s.interface)
-            except OSError:
-                continue  # no such interface: its VIP is not up
-            if str(s.vip.ip) in by_index.get(index, ()):
+            if s.interface not in indexes:
+                try:
+                    indexes[s.interface] = socket.if_nametoindex(s.interface)
+                except OSError:
+                    indexes[s.interface] = None  # no such interface: its VIPs are not up
+            index = indexes[s.interface]
+            if index is not None and str(s.vip.ip) in by_index.get(index, ()):
                 up.add(s.name)
         return frozenset(up)
 

@@ -233,6 +233,7 @@ class EventsWatcher(threading.Thread):
         self.groups = groups
         self.on_change = on_change
         self.stopping = threading.Event()
+        self.populated: dict[Path, bool] = {}  # as of each group's last notification (see NodeCgroups.counts)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -246,14 +247,14 @@ class EventsWatcher(threading.Thread):
                     fd = os.open(group / "cgroup.events", os.O_RDONLY)
                 except OSError:
                     continue
-                os.read(fd, 256)  # arm: a notification comes after the first read
+                self.populated[group] = b"populated 1" in os.read(fd, 256)  # arms: notifications come after a read
                 poller.register(fd, select.POLLPRI | select.POLLERR)
                 fds[fd] = group
             while not self.stopping.is_set():
                 ready = poller.poll(500)
                 for fd, _ in ready:
                     os.lseek(fd, 0, os.SEEK_SET)
-                    os.read(fd, 256)
+                    self.populated[fds[fd]] = b"populated 1" in os.read(fd, 256)
                 if ready:
                     self.on_change()
         finally:
@@ -270,6 +271,7 @@ class NodeCgroups:
         self.services_dir = self.root / SERVICES
         self.names = tuple(services)
         self._lock_fd: Optional[int] = None
+        self._events: Optional[EventsWatcher] = None
 
     def group(self, service: str) -> Path:
         return self.services_dir / service
@@ -319,13 +321,19 @@ class NodeCgroups:
     def counts(self) -> dict[str, int]:
         """service -> number of processes in its cgroup (0 for an empty or missing one).
 
-        Every cycle, for every service: one read for an empty cgroup, two for a running
-        one; the subtree is walked only if the service made cgroups of its own.
+        Every cycle: a cgroup the events watcher last saw empty counts 0 without a read (it
+        tells us within microseconds when one fills); every other one is read now (one read,
+        the subtree walked only if the service made cgroups of its own). So a count above
+        zero is never older than the program states read before it (decide's daemonized
+        rule), and 500 services cost a read per running one, not two reads each.
         """
         found = {}
+        events = self._events
+        known = events.populated if events is not None and events.is_alive() else {}
         for name in self.names:
             group = self.group(name)
-            if not populated(group):
+            seen = known.get(group)
+            if seen is False or (seen is None and not populated(group)):
                 found[name] = 0
                 continue
             try:
@@ -341,6 +349,7 @@ class NodeCgroups:
         """Call `on_change` whenever any service's cgroup empties or fills (a program exits, a start lands)."""
         watcher = EventsWatcher([self.group(name) for name in self.names], on_change)
         watcher.start()
+        self._events = watcher
         return watcher
 
     def leftovers(self) -> Mapping[str, int]:

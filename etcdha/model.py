@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 UNKNOWN_OWNER = "?"  # node name used for an owner key whose value cannot be decoded
 
@@ -322,8 +322,79 @@ def _num(value: Any) -> float:
     return 0.0
 
 
-def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
-    """Decode a prefix listing into a ClusterView, recording (not raising on) garbage."""
+_SKIP = object()  # a key whose value cannot be used at all
+_SHAPES = {"nodes": 1, "candidates": 2, "members": 1, "services": 1, "moves": 1, "drain": 1, "pause": 1,
+           "cooldowns": 2, "failures": 2, "owners": 1}  # kind -> path segments after it
+
+
+def _decode_entry(kind: str, rest: list[str], kv: KV) -> tuple[Any, tuple[str, ...]]:
+    """One key's value object (or _SKIP) and what was wrong with it: garbage is recorded, never raised."""
+    problems: list[str] = []
+    value: Any = _SKIP
+    if kind == "nodes":
+        data = _json(kv, problems)
+        if data is not None:
+            states = data.get("services") if isinstance(data.get("services"), dict) else {}
+            counts = data.get("processes") if isinstance(data.get("processes"), dict) else {}
+            health = data.get("health") if isinstance(data.get("health"), dict) else {}
+            value = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
+                             started=_num(data.get("started")),
+                             services={str(k): str(v) for k, v in states.items()},
+                             processes={str(k): int(_num(v)) for k, v in counts.items()},
+                             health={str(k): str(v) for k, v in health.items()},
+                             unhealthy=str(data.get("unhealthy") or "")[:OUTPUT_BYTES])
+    elif kind == "candidates":
+        data = _json(kv, problems)
+        prio = data.get("priority") if data else None
+        if not isinstance(prio, int) or isinstance(prio, bool):
+            if data is not None:
+                problems.append(f"{kv.key}: expected an integer priority, got {prio!r}")
+        else:
+            vip = data.get("vip") if isinstance(data.get("vip"), str) else None
+            value = Candidate(node=rest[1], priority=prio, vip=vip)
+    elif kind == "members":
+        value = rest[0]
+    elif kind == "services":
+        data = _json(kv, problems)
+        value = data.get("vip") if data and isinstance(data.get("vip"), str) else None
+    elif kind == "moves":
+        data = _json(kv, problems)
+        to, source = (_str(data.get("to")), _str(data.get("from"))) if data else (None, None)
+        token = data.get("token") if data else None
+        if to is None or source is None or not isinstance(token, int) or isinstance(token, bool):
+            problems.append(f"{kv.key}: expected {{to, from, token}}; ignoring this move request")
+        else:
+            value = Move(service=rest[0], to=to, source=source, token=token, lease=kv.lease,
+                         requested=_num(data.get("requested")))
+    elif kind in ("drain", "pause"):
+        data = _json(kv, problems) or {}  # a garbage mark still counts: it only ever holds back
+        value = Mark(since=_num(data.get("since")), by=str(data.get("by", "")))
+    elif kind == "cooldowns":
+        data = _json(kv, problems)
+        until = _num(data.get("until")) if data else 0.0
+        value = until or float("inf")  # garbage: cool until cleaned up
+    elif kind == "failures":
+        record = decode_failures(kv, problems)
+        value = record if record is not None else _SKIP
+    elif kind == "owners":
+        data = _json(kv, problems)
+        node = _str(data.get("node")) if data else None
+        if node is None:
+            if data is not None:
+                problems.append(f"{kv.key}: expected a node name in 'node', got {data.get('node')!r}")
+            node = UNKNOWN_OWNER  # keep the service owned: a corrupt key must not cause a 2nd copy
+        value = Owner(node=node, lease=kv.lease, token=kv.create_revision,
+                      since=_num(data.get("since")) if data else 0.0)
+    return value, tuple(problems)
+
+
+def build_view(prefix: str, revision: int, kvs: list[KV], memo: Optional[dict] = None) -> ClusterView:
+    """Decode a prefix listing into a ClusterView, recording (not raising on) garbage.
+
+    `memo` (kept by the caller between calls) holds each key's decoded value by (key,
+    mod_revision), a version etcd never reuses: a rebuild after a change decodes only the
+    keys that changed. It is left holding the keys of this listing only.
+    """
     problems: list[str] = []
     nodes: dict[str, NodeInfo] = {}
     candidates: dict[str, dict[str, Candidate]] = {}
@@ -335,68 +406,40 @@ def build_view(prefix: str, revision: int, kvs: list[KV]) -> ClusterView:
     paused: dict[str, Mark] = {}
     cooldowns: dict[tuple[str, str], float] = {}
     failures: dict[tuple[str, str], Failures] = {}
+    kept: dict[tuple[str, int], tuple[Any, tuple[str, ...]]] = {}
+    places: dict[str, Callable[[list[str], Any], None]] = {
+        "nodes": lambda r, v: nodes.__setitem__(r[0], v),
+        "candidates": lambda r, v: candidates.setdefault(r[0], {}).__setitem__(r[1], v),
+        "members": lambda r, v: members.add(v),
+        "services": lambda r, v: services.__setitem__(r[0], v),
+        "moves": lambda r, v: moves.__setitem__(r[0], v),
+        "drain": lambda r, v: drained.__setitem__(r[0], v),
+        "pause": lambda r, v: paused.__setitem__(r[0], v),
+        "cooldowns": lambda r, v: cooldowns.__setitem__((r[0], r[1]), v),
+        "failures": lambda r, v: failures.__setitem__((r[0], r[1]), v),
+        "owners": lambda r, v: owners.__setitem__(r[0], v),
+    }
+    start = prefix + "/"
     for kv in kvs:
-        if not kv.key.startswith(prefix + "/"):
+        if not kv.key.startswith(start):
             continue
-        parts = kv.key[len(prefix) + 1:].split("/")
+        parts = kv.key[len(start):].split("/")
         kind, rest = parts[0], parts[1:]
-        if kind == "nodes" and len(rest) == 1:
-            data = _json(kv, problems)
-            if data is None:
-                continue
-            states = data.get("services") if isinstance(data.get("services"), dict) else {}
-            counts = data.get("processes") if isinstance(data.get("processes"), dict) else {}
-            health = data.get("health") if isinstance(data.get("health"), dict) else {}
-            nodes[rest[0]] = NodeInfo(node=rest[0], lease=kv.lease, pid=int(_num(data.get("pid"))),
-                                      started=_num(data.get("started")),
-                                      services={str(k): str(v) for k, v in states.items()},
-                                      processes={str(k): int(_num(v)) for k, v in counts.items()},
-                                      health={str(k): str(v) for k, v in health.items()},
-                                      unhealthy=str(data.get("unhealthy") or "")[:OUTPUT_BYTES])
-        elif kind == "candidates" and len(rest) == 2:
-            data = _json(kv, problems)
-            prio = data.get("priority") if data else None
-            if not isinstance(prio, int) or isinstance(prio, bool):
-                if data is not None:
-                    problems.append(f"{kv.key}: expected an integer priority, got {prio!r}")
-                continue
-            vip = data.get("vip") if isinstance(data.get("vip"), str) else None
-            candidates.setdefault(rest[0], {})[rest[1]] = Candidate(node=rest[1], priority=prio, vip=vip)
-        elif kind == "members" and len(rest) == 1:
-            members.add(rest[0])
-        elif kind == "services" and len(rest) == 1:
-            data = _json(kv, problems)
-            services[rest[0]] = data.get("vip") if data and isinstance(data.get("vip"), str) else None
-        elif kind == "moves" and len(rest) == 1:
-            data = _json(kv, problems)
-            to, source = (_str(data.get("to")), _str(data.get("from"))) if data else (None, None)
-            token = data.get("token") if data else None
-            if to is None or source is None or not isinstance(token, int) or isinstance(token, bool):
-                problems.append(f"{kv.key}: expected {{to, from, token}}; ignoring this move request")
-                continue
-            moves[rest[0]] = Move(service=rest[0], to=to, source=source, token=token, lease=kv.lease,
-                                  requested=_num(data.get("requested")))
-        elif kind in ("drain", "pause") and len(rest) == 1:
-            data = _json(kv, problems) or {}  # a garbage mark still counts: it only ever holds back
-            mark = Mark(since=_num(data.get("since")), by=str(data.get("by", "")))
-            (drained if kind == "drain" else paused)[rest[0]] = mark
-        elif kind == "cooldowns" and len(rest) == 2:
-            data = _json(kv, problems)
-            until = _num(data.get("until")) if data else 0.0
-            cooldowns[(rest[0], rest[1])] = until or float("inf")  # garbage: cool until cleaned up
-        elif kind == "failures" and len(rest) == 2:
-            record = decode_failures(kv, problems)
-            if record is not None:
-                failures[(rest[0], rest[1])] = record
-        elif kind == "owners" and len(rest) == 1:
-            data = _json(kv, problems)
-            node = _str(data.get("node")) if data else None
-            if node is None:
-                if data is not None:
-                    problems.append(f"{kv.key}: expected a node name in 'node', got {data.get('node')!r}")
-                node = UNKNOWN_OWNER  # keep the service owned: a corrupt key must not cause a 2nd copy
-            owners[rest[0]] = Owner(node=node, lease=kv.lease, token=kv.create_revision,
-                                    since=_num(data.get("since")) if data else 0.0)
+        if _SHAPES.get(kind) != len(rest):
+            continue
+        version = (kv.key, kv.mod_revision)
+        entry = memo.get(version) if memo is not None and kv.mod_revision else None
+        if entry is None:
+            entry = _decode_entry(kind, rest, kv)
+        if memo is not None and kv.mod_revision:
+            kept[version] = entry
+        value, wrong = entry
+        problems.extend(wrong)
+        if value is not _SKIP:
+            places[kind](rest, value)
+    if memo is not None:
+        memo.clear()
+        memo.update(kept)
     return ClusterView(revision=revision, nodes=nodes, candidates=candidates, owners=owners,
                        members=frozenset(members | set(nodes)),
                        services={**{s: None for s in candidates}, **services}, moves=moves, drained=drained,

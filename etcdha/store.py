@@ -686,6 +686,8 @@ class Informer(Watcher):
         self._kvs: dict[str, model.KV] = {}
         self._view: Optional[model.ClusterView] = None
         self._changes = 0  # bumped with every change to _kvs: a view built from an older copy is not kept
+        self._memo: dict = {}  # decoded values by (key, mod_revision): a rebuild decodes only what changed
+        self._memo_lock = threading.Lock()
         self._lock = threading.Condition()
         self.synced = threading.Event()  # set once a listing is loaded
         self.lists = 0
@@ -734,7 +736,8 @@ class Informer(Watcher):
                 return self._view
             revision, kvs, changes = self.revision, list(self._kvs.values()), self._changes
         # built outside the lock: events keep being applied meanwhile instead of queueing behind us
-        view = model.build_view(self.store.prefix, revision, kvs)
+        with self._memo_lock:  # one rebuild at a time: they share the memo of decoded keys
+            view = model.build_view(self.store.prefix, revision, kvs, self._memo)
         with self._lock:
             if self._changes == changes:
                 self._view = view

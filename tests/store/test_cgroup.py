@@ -132,3 +132,43 @@ def test_events_watcher_wakes_when_a_service_cgroup_fills_and_empties(cgroup_roo
         watcher.stop()
         watcher.join(5)
         node.release()
+
+
+def test_counts_follow_the_events_watcher_and_read_only_populated_cgroups(cgroup_root, monkeypatch):
+    names = [f"s{i}" for i in range(20)]
+    node = NodeCgroups(Placement(cgroup_root), names)
+    node.setup()
+    woken = []
+    watcher = node.watch(lambda: woken.append(1))
+    procs = []
+    try:
+        deadline = time.monotonic() + 5
+        while len(watcher.populated) < len(names):  # armed: every group's state read once
+            assert time.monotonic() < deadline, "the events watcher did not arm"
+            time.sleep(0.01)
+        reads = []
+        real = cgroup.populated
+        monkeypatch.setattr(cgroup, "populated", lambda g: reads.append(g) or real(g))
+        assert node.counts() == {n: 0 for n in names}
+        assert reads == [], "empty cgroups the watcher knows were read again"
+        procs.append(start_in(node.group("s3"), "{ sleep 300 & } ; exec sleep 300"))
+        deadline = time.monotonic() + 5
+        while node.counts()["s3"] != 2:
+            assert time.monotonic() < deadline, f"counts never saw s3 fill: {node.counts()['s3']}"
+            time.sleep(0.01)
+        assert woken, "filling a cgroup did not wake the agent"
+        cgroup.kill(node.group("s3"))
+        deadline = time.monotonic() + 5
+        while node.counts()["s3"] != 0:
+            assert time.monotonic() < deadline, "counts never saw s3 empty"
+            time.sleep(0.01)
+        assert procs[0].wait(5) == -signal.SIGKILL
+    finally:
+        watcher.stop()
+        watcher.join(5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        node.empty_all(5.0)
+        node.release()
+    assert node.counts()["s3"] == 0  # the watcher gone: read from the files again

@@ -224,3 +224,20 @@ def test_service_value_garbage_keeps_the_service_without_vip():
     v = build_view(P, 3, [kv("/services/web", b'{"vip": 5}'), kv("/services/db", b"nope")])
     assert v.services == {"web": None, "db": None}
     assert len(v.problems) == 1 and v.problems[0].startswith("/etcdha/services/db: ")
+
+
+def test_a_memo_of_decoded_keys_gives_the_same_view_and_follows_changes():
+    memo: dict = {}
+    kvs = healthy_kvs() + [kv("/owners/db", b"\xff garbage", lease=7, create=40)]
+    first = build_view(P, 50, kvs, memo)
+    assert first == build_view(P, 50, kvs)
+    assert len(memo) == len(kvs)
+    again = build_view(P, 50, kvs, memo)
+    assert again == first and again.problems == first.problems  # garbage is still reported from the memo
+    assert again.nodes["a"] is first.nodes["a"]  # not decoded again
+    changed = [k for k in kvs if not k.key.endswith("/nodes/a")]
+    changed.append(kv("/nodes/a", {"services": {"web": "STOPPED"}}, lease=0xA, create=3, mod=60))
+    later = build_view(P, 60, changed, memo)
+    assert later == build_view(P, 60, changed) and later.nodes["a"].services == {"web": "STOPPED"}
+    build_view(P, 61, changed[:1], memo)
+    assert set(memo) == {(changed[0].key, changed[0].mod_revision)}  # keys gone from the listing leave it
