@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
 from etcdha import decide, events, health, metrics, model
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # claims (or handoffs) in flight at once: a cold start or a takeover of hundreds of services waits for
 # one etcd round trip per CLAIM_WORKERS claims instead of one per claim; a drain stops as many at once
 CLAIM_WORKERS = 8
+# claimed services start in batches of this many while the other claims are still running
+START_BATCH = 32
 
 
 def log_event(event: model.Event) -> None:
@@ -109,6 +111,7 @@ class Agent:
         self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
         self.claimed: list[tuple[str, int]] = []  # (service, token) claimed (or restarted) in this cycle: started in it too
         self.failing: dict[str, tuple[str, str]] = {}  # service -> (check, output), as planned on in this cycle
+        self.claimed_lock = threading.Lock()
         self.workers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-act")
         self.ready = False
 
@@ -169,10 +172,15 @@ class Agent:
                                   f"({exc.strerror or exc})") from None
             log.info("serving /metrics and /health on %s:%d", *bound[:2])
         self.hands.prepare()  # leftovers of a previous run die before we can join
-        self.hands.start_runtime()
         try:
+            # join first, then start the fence and supervisord during the startup grace (nothing is
+            # claimed before it ends, and the loop runs only once they are up): with hundreds of
+            # services their start took a second that every node's cold start waited for
             if not self.join():
                 return 0
+            self.hands.start_runtime()
+            self.hands.lease_granted(self.lease.id)  # the new fence learns the lease: a crash is a handoff
+            self.hands.feed(self.lease.deadline)
             self.watcher = self.store.informer(self.wake.set)
             self.watcher.start()
             self.node_prober.track({health.NODE: (0, self.clock())}, frozenset({health.NODE}))
@@ -521,14 +529,28 @@ class Agent:
         """Claims and handoffs of different services, CLAIM_WORKERS at a time; False if we fenced ourselves.
 
         A drain hands over dozens of services and a takeover claims hundreds: one after
-        another they waited for each other's stop or etcd round trip.
+        another they waited for each other's stop or etcd round trip. While the workers
+        claim, what is already claimed starts here (START_BATCH at a time, each batch
+        checked against etcd by start_all): a takeover of hundreds no longer waits for
+        its last claim before its first program starts.
         """
-        failures = [(a, f) for a, f in zip(actions, self.workers.map(self.attempt, actions)) if f is not None]
+        futures = [self.workers.submit(self.attempt, a) for a in actions]
+        pending = set(futures)
+        failed = False
+        while pending:
+            done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            failed = failed or any(f.result() is not None for f in done)
+            if not failed and len(self.claimed) >= START_BATCH:
+                with self.claimed_lock:  # workers append meanwhile
+                    batch, self.claimed = self.claimed, []
+                if not self.start_all([Action(Kind.START, svc, Reason.OWNER, token=token) for svc, token in batch]):
+                    failed = True  # we fenced ourselves; the rest of the claims (already taken) die with the lease
+        failures = [(a, f.result()) for a, f in zip(actions, futures) if f.result() is not None]
         if failures:
             action, failure = failures[0]
             self.recover(f"{action} failed, fencing this node: {failure}")
             return False
-        return True
+        return not failed
 
     def attempt(self, action: Action) -> Optional[EtcdhaError]:
         """Carry out one action (not START: see start_all); the error if a stop did not hold (the caller must
@@ -553,7 +575,8 @@ class Agent:
                 log.info("%s %s", "claimed" if token else "lost the race for", service.name)
                 if token:
                     self.record(service.name, "claimed", action.reason.value, token)
-                    self.claimed.append((service.name, token))
+                    with self.claimed_lock:
+                        self.claimed.append((service.name, token))
                     self.claimed_at[service.name] = self.clock()
                     if self.metrics is not None and action.reason is Reason.VACANT:
                         self.metrics.takeover.observe(max(0.0, self.clock() - self.vacant_since.get(service.name,
