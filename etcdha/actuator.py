@@ -266,8 +266,9 @@ class Actuator:
         """Graceful end: every program asked to stop at once, each cgroup emptied; True if all are empty."""
         began = time.monotonic()
         try:
-            self.supervisor.stop_all(lambda: [cgroup.signal_all(self.cgroups.group(name), signal.SIGCONT)
-                                              for name in self.config.services])
+            if self.fence is not None:  # else supervisord never ran (we never joined): the cgroups say the rest
+                self.supervisor.stop_all(lambda: [cgroup.signal_all(self.cgroups.group(name), signal.SIGCONT)
+                                                  for name in self.config.services])
         except EtcdhaError as exc:
             log.warning("stopping programs through supervisord: %s", exc)
         empty = True

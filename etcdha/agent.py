@@ -534,29 +534,36 @@ class Agent:
         checked against etcd by start_all): a takeover of hundreds no longer waits for
         its last claim before its first program starts.
         """
-        futures = [self.workers.submit(self.attempt, a) for a in actions]
+        lease = self.lease.id
+        futures = [self.workers.submit(self.attempt, a, lease) for a in actions]
         pending = set(futures)
-        failed = False
+        failed = fenced = False
         while pending:
             done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
-            failed = failed or any(f.result() is not None for f in done)
-            if not failed and len(self.claimed) >= START_BATCH:
+            failed = failed or any(not f.cancelled() and f.result() is not None for f in done)
+            if not (failed or fenced) and len(self.claimed) >= START_BATCH:
                 with self.claimed_lock:  # workers append meanwhile
                     batch, self.claimed = self.claimed, []
                 if not self.start_all([Action(Kind.START, svc, Reason.OWNER, token=token) for svc, token in batch]):
-                    failed = True  # we fenced ourselves; the rest of the claims (already taken) die with the lease
+                    fenced = True  # we fenced ourselves and rejoined: what is left of this plan is void
+                    for f in pending:
+                        f.cancel()
+        if fenced:
+            return False
         failures = [(a, f.result()) for a, f in zip(actions, futures) if f.result() is not None]
         if failures:
             action, failure = failures[0]
             self.recover(f"{action} failed, fencing this node: {failure}")
             return False
-        return not failed
+        return True
 
-    def attempt(self, action: Action) -> Optional[EtcdhaError]:
+    def attempt(self, action: Action, planned_on: Optional[int] = None) -> Optional[EtcdhaError]:
         """Carry out one action (not START: see start_all); the error if a stop did not hold (the caller must
-        fence), else None."""
+        fence), else None. With `planned_on`, nothing is done once our lease is no longer that one."""
         service = self.config.services[action.service]
         prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
+        if planned_on is not None and lease != planned_on:
+            return None  # we fenced ourselves and rejoined since this was planned
         if action.kind in (Kind.CLAIM, Kind.START, Kind.RESTART) and not (
                 self.hands.runtime_alive() and self.lease.poll() is LeaseState.OK):
             # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing

@@ -140,16 +140,15 @@ def test_under_a_delegated_unit_the_agent_moves_to_a_leaf_and_services_go_beside
     assert not (unit / "services" / "sleeper").exists(), "a graceful stop gives the service cgroups back"
 
 
-def test_under_journald_every_line_has_a_priority(etcd_server, tmp_path, cgroup_root):
-    """With JOURNAL_STREAM naming its stderr (what systemd sets), warnings are <4>, errors <3>, the rest <6>,
-    the fence's own lines included; `journalctl -p warning` then shows what matters."""
-    config = tmp_path / "agent.yaml"
+def _agent_under_journald(tmp_path: Path, cgroup_root: Path, name: str, endpoint: str, until: str) -> list[str]:
+    """Run an agent whose stderr JOURNAL_STREAM names, until its log says `until`; SIGTERM it; its lines."""
+    config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
-        "node": "jd1", "etcd": {"endpoints": ["http://127.0.0.1:1"], "prefix": "/jd"},  # nobody answers there
-        "run_dir": str(tmp_path / "run"), "cgroup_root": str(cgroup_root),
+        "node": name, "etcd": {"endpoints": [endpoint], "prefix": f"/jd-{uuid.uuid4().hex[:8]}"},
+        "run_dir": str(tmp_path / f"{name}-run"), "cgroup_root": str(cgroup_root),
         "services": {"sleeper": {"command": ["sleep", "300"], "startsecs": 0}},
     }))
-    log = tmp_path / "agent.log"
+    log = tmp_path / f"{name}.log"
     with log.open("wb") as stderr:
         st = os.fstat(stderr.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
@@ -157,7 +156,7 @@ def test_under_journald_every_line_has_a_priority(etcd_server, tmp_path, cgroup_
                                  stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 20
-        while "cannot join yet" not in log.read_text() and time.monotonic() < deadline:
+        while until not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
@@ -165,14 +164,25 @@ def test_under_journald_every_line_has_a_priority(etcd_server, tmp_path, cgroup_
         if agent.poll() is None:
             agent.kill()
             agent.wait(10)
-    lines = log.read_text().splitlines()
-    ours = [line for line in lines if "etcdha" in line]
-    assert any(line.startswith("<4>etcdha.agent: cannot join yet") for line in ours), lines
-    assert any(line.startswith("<6>etcdha.agent: agent jd1 starting") for line in ours), lines
-    assert any(line.startswith("<6>etcdha-fence[") and line.endswith("quit") for line in ours), lines
-    # nothing of ours without a priority (supervisord's own lines are its business)
-    assert all(line[:3] in ("<2>", "<3>", "<4>", "<6>", "<7>") for line in ours
-               if line.startswith(("etcdha", "<"))), lines
+    return log.read_text().splitlines()
+
+
+def test_under_journald_every_line_has_a_priority(etcd_server, tmp_path, cgroup_root):
+    """With JOURNAL_STREAM naming its stderr (what systemd sets), warnings are <4>, errors <3>, the rest <6>,
+    the fence's own lines included; `journalctl -p warning` then shows what matters."""
+    waiting = _agent_under_journald(tmp_path, cgroup_root, "jd1", "http://127.0.0.1:1", "cannot join yet")  # nobody answers
+    joined = _agent_under_journald(tmp_path, cgroup_root, "jd2", etcd_server.endpoint, "joined as jd2")
+    for lines in (waiting, joined):
+        ours = [line for line in lines if "etcdha" in line]
+        # nothing of ours without a priority (supervisord's own lines are its business)
+        assert all(line[:3] in ("<2>", "<3>", "<4>", "<6>", "<7>") for line in ours
+                   if line.startswith(("etcdha", "<"))), lines
+    assert any(line.startswith("<4>etcdha.agent: cannot join yet") for line in waiting), waiting
+    assert any(line.startswith("<6>etcdha.agent: agent jd1 starting") for line in waiting), waiting
+    # it never joined, so it started no fence and no supervisord, and stopping says nothing about them
+    assert not any("supervisord" in line or "etcdha-fence[" in line for line in waiting), waiting
+    assert any(line.startswith("<6>etcdha-fence[") and line.endswith("quit") for line in joined), joined
+
 
 
 def test_a_service_under_the_units_capability_bounding_set_can_bind_a_low_port():
