@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from etcdha import cgroup, logs, netlink, vip
+from etcdha import cgroup, logs, netlink, supervisord, vip
 from etcdha.cgroup import ContainmentError, NodeCgroups, detect_placement
 from etcdha.config import Config, Service
 from etcdha.errors import ActuatorError, EtcdhaError
@@ -59,6 +59,7 @@ class Actuator:
         A previous agent killed together with its fence (no systemd to clean up) may have
         left programs running; they die here, before this node can claim anything.
         """
+        supervisord.raise_open_files_limit(len(self.config.services))  # before the fence and supervisord start
         self.cgroups.setup()
         left = self.cgroups.leftovers()
         if left:

@@ -356,7 +356,9 @@ class FenceClient:
         """Start the fence; returns supervisord's pid. No preexec_fn here: the agent has gRPC threads."""
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      start_new_session=True, close_fds=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        poller = select.poll()  # not select(): an agent with hundreds of services holds fds above 1024
+        poller.register(self.proc.stdout, select.POLLIN)
+        ready = poller.poll(timeout * 1000)
         line = self.proc.stdout.readline().decode().split() if ready else []
         if line[:1] != ["ready"]:
             self.proc.kill()

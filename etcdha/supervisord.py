@@ -23,6 +23,7 @@ import contextlib
 import http.client
 import logging
 import os
+import resource
 import shlex
 import socket
 import sys
@@ -49,6 +50,13 @@ RESYNC = 30.0  # seconds between full reads of every program's state, as a safet
 PENDING = frozenset({"STARTING", "BACKOFF", "STOPPING"})
 COALESCE = 0.05  # seconds of program events gathered into one wake-up of the agent
 NUDGE = 0.1  # seconds between calls that wake supervisord's loop while a program is in one of them
+# open files supervisord holds per running program (stdin and stdout pipes, the log file, one spare) and
+# beside them; the agent holds one per service (its cgroup.events) and a few hundred of its own
+FDS_PER_PROGRAM, FDS_SPARE = 4, 512
+# supervisord closes every fd below minfds in each child before exec, one Python call each (a third of
+# a spawn's CPU at 1024): it needs no more, since every fd supervisord opens is non-inheritable (PEP 446)
+# and the fence starts it with close_fds. The open-files limit it would raise we raise ourselves.
+MINFDS = 64
 # startProcess calls per multicall: supervisord forks them one after another (about 40 a second on
 # a busy 2-core machine), so a chunk answers well within the call timeout
 START_CHUNK = 16
@@ -104,6 +112,26 @@ def program_section(service: Service, spec: Path, log_dir: Path) -> str:
         "stdout_logfile_backups=2",
     ]
     return "\n".join(lines) + "\n"
+
+
+def raise_open_files_limit(services: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE (inherited by the fence and supervisord) to what `services`
+    running programs need; returns the limit now in force.
+
+    systemd gives services a soft limit of 1024: supervisord (3 fds a running program) then
+    failed to spawn past about 330 programs ("too many open files"). Raises ConfigError if
+    the hard limit is too low, naming the unit setting that fixes it.
+    """
+    need = FDS_PER_PROGRAM * services + FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ConfigError(f"{services} services need about {need} open files, and this process may open at "
+                              f"most {hard} (RLIMIT_NOFILE hard limit): raise it, e.g. LimitNOFILE={need} in "
+                              "etcdha.service")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        soft = need
+    return soft
 
 
 def service_environment(service: Service, node: str, token: int) -> dict[str, str]:
@@ -298,6 +326,7 @@ class Supervisor:
             "chmod=0700",
             "[supervisord]",
             "nodaemon=true",
+            f"minfds={MINFDS}",
             f"logfile={_quote_value(str(self.logs / 'supervisord.log'))}",
             "logfile_maxbytes=1MB",
             f"pidfile={_quote_value(str(self.dir / 'supervisord.pid'))}",
