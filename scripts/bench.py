@@ -509,6 +509,7 @@ class ScaleResult:
     workdir: str = ""
     spread: dict[str, int] = field(default_factory=dict)
     cold: Optional[Phase] = None
+    colds: list[Phase] = field(default_factory=list)  # every cold start (the first one is `cold`)
     trials: dict[str, list[Phase]] = field(default_factory=lambda: {"agent-kill-9": [], "node-crash": []})
     drain: Optional[Phase] = None
     idle: dict = field(default_factory=dict)
@@ -751,6 +752,9 @@ class ScaleRun:
                     for scenario in ("agent-kill-9", "node-crash"):
                         self.faults(scenario)
                     self.drain()
+                    for _ in range(self.trials - 1):  # one start is one sample: start the whole cluster again
+                        if not self.cold_again():
+                            break
         except Exception as exc:  # noqa: BLE001 - report what was measured so far, then clean up
             result.problems.append(f"the run stopped: {type(exc).__name__}: {exc}")
         finally:
@@ -783,11 +787,15 @@ class ScaleRun:
         self.cluster.start(write_config=False)
         wait_watches([owned, running], t0 + self.timeout)
         feed.forget(owned, running)
-        result.cold = Phase(moved=self.n, timeout=self.timeout, times={
+        cold = Phase(moved=self.n, timeout=self.timeout, times={
             "owned": owned.at - t0 if owned.at else None, "running": running.at - t0 if running.at else None})
         if running.at is None:
-            result.cold.note = f"after {self.timeout:g}s: {leftover(feed, self.names, None)}"
-        self.out(f"cold start: {fmt_phase(result.cold)}")
+            cold.note = f"after {self.timeout:g}s: {leftover(feed, self.names, None)}"
+        result.colds.append(cold)
+        self.out(f"cold start {len(result.colds)}: {fmt_phase(cold)}")
+        if result.cold is not None:
+            return running.at is not None and not self.settle()
+        result.cold = cold
         conf = self.cluster.nodes["n1"].dir / "run" / "supervisord.conf"  # names the code's listener.py
         if CODE_DIR and (not conf.exists() or str(CODE_DIR) not in conf.read_text(errors="replace")):
             result.problems.append(f"(instrument) {conf} does not name the copied code in {CODE_DIR}: "
@@ -834,6 +842,18 @@ class ScaleRun:
             if problem:
                 result.problems.append(f"{scenario} trial {i + 1}, after restarting {victim}: {problem}")
                 return
+
+    def cold_again(self) -> bool:
+        """5. Stop every agent (gracefully: leases revoked), wait until nothing is owned, start them all again."""
+        self.cluster.stop()
+        try:
+            L.wait_until(lambda: not any(owner for owner, _ in self.feed.view()[0].values())
+                         and not any(alive for alive, _ in self.feed.view()[1].values()), self.timeout,
+                         "every agent gone and nothing owned", interval=0.1)
+        except TimeoutError as exc:
+            self.result.problems.append(f"no further cold start: {exc}")
+            return False
+        return self.cold_start()
 
     def drain(self) -> None:
         """4. `etcdha drain NODE --wait` of the node owning about N/3; then undrain."""
@@ -959,8 +979,8 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
         return "/".join(str(p.moved) for p in phases) or "-"
 
     row("services with a VIP", [str(r.vips) for r in results])
-    row("cold start: all owned", [seconds(r.cold.times["owned"], r.cold.timeout) if r.cold else "-" for r in results])
-    row("cold start: all RUNNING", [seconds(r.cold.times["running"], r.cold.timeout) if r.cold else "-"
+    row("cold start: all owned", [trial_cell(r.colds, "owned") for r in results])
+    row("cold start: all RUNNING", [trial_cell(r.colds, "running")
                                     for r in results])
     row("services per node after it", ["/".join(str(v) for v in r.spread.values()) or "-" for r in results])
     for scenario, title in (("agent-kill-9", "agent kill -9"), ("node-crash", "whole-node crash")):
@@ -1016,7 +1036,7 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
                          " its times are not those of an idle machine")
         for p in r.problems:
             lines.append(f"N={r.n} problem: {p}")
-        for phase in ([r.cold] if r.cold else []) + r.trials["agent-kill-9"] + r.trials["node-crash"] + \
+        for phase in r.colds + r.trials["agent-kill-9"] + r.trials["node-crash"] + \
                 ([r.drain] if r.drain else []):
             if phase.note:
                 lines.append(f"N={r.n} {phase.victim or 'cold start'}: {phase.note}")
@@ -1035,6 +1055,7 @@ def snapshot_code() -> tuple[Path, str]:
     restarted between trials would otherwise run other code than the ones started before.
     Returns the copy's directory and a description of what was copied.
     """
+    import compileall
     import hashlib
     import shutil
     import tempfile
@@ -1046,6 +1067,9 @@ def snapshot_code() -> tuple[Path, str]:
     changed = [line[3:].removeprefix("etcdha/") for line in git("status", "--porcelain", "--", "etcdha").splitlines()]
     dest = Path(tempfile.mkdtemp(prefix="etcdha-bench-code-"))
     shutil.copytree(L.REPO / "etcdha", dest / "etcdha", ignore=shutil.ignore_patterns("__pycache__"))
+    # byte-compiled, as pip installs it: without it every agent (PYTHONDONTWRITEBYTECODE may be set) compiled
+    # the whole package at each start, a second of CPU at a cold start when three start at once
+    compileall.compile_dir(str(dest / "etcdha"), quiet=1)
     digest = hashlib.sha1()
     for path in sorted((dest / "etcdha").rglob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
