@@ -79,10 +79,12 @@ class Actuator:
         """Fence first, supervisord under it: nothing runs here that the fence cannot kill."""
         self.supervisor.prepare()
         self.supervisor.listen(self.wake)  # before supervisord starts: no state event is missed
-        self.fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
-                                 self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access(),
-                                 log_format=logs.chosen())
-        self.supervisord_pid = self.fence.start()
+        fence = FenceClient(self.config.fence_margin, self.config.vips, self.cgroups.services_dir,
+                            self.supervisor.command(), on_exit=self._fence_exited, etcd=self.etcd_access(),
+                            log_format=logs.chosen())
+        # ours once it runs: the lease thread feeds self.fence meanwhile (we may have joined already)
+        self.supervisord_pid = fence.start()
+        self.fence = fence
         self.supervisor.wait_ready()
         log.info("fence pid %d, supervisord pid %d; services contained in %s (%s)", self.fence.proc.pid,
                  self.supervisord_pid, self.cgroups.services_dir, self.cgroups.placement.why)

@@ -379,6 +379,8 @@ class FenceClient:
 
     def _send(self, line: str) -> bool:
         with self._lock:
+            if self.proc is None or self.proc.stdin is None:
+                return False  # not started (yet)
             try:
                 self.proc.stdin.write(line.encode() + b"\n")
                 self.proc.stdin.flush()
