@@ -18,6 +18,8 @@ from etcdha.store import Store
 
 log = logging.getLogger(__name__)
 
+BATCH = 64  # entries per write
+
 
 class HistoryWriter:
     def __init__(self, store: Store, keep: int, capacity: int = 10000):
@@ -35,16 +37,26 @@ class HistoryWriter:
             log.warning("history writer is behind; not recording %s %s", event.event, event.service)
 
     def _run(self) -> None:
+        """Write what has queued up, up to BATCH entries at a time: a takeover of hundreds of services
+        records two entries each, and one at a time they cost etcd two requests each."""
         while True:
-            event = self._queue.get()
-            if event is None:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            events = [e for e in batch if e is not None]
+            if events:
+                try:
+                    self.store.record_many(events, keep=self.keep)
+                except StoreError as exc:
+                    log.warning("could not record %d history entries (%s %s first): %s", len(events),
+                                events[0].event, events[0].service, exc)
+                except Exception:  # noqa: BLE001 - history must never take the agent down
+                    log.exception("history: unexpected error")
+            if batch[-1] is None:
                 return
-            try:
-                self.store.record(event, keep=self.keep)
-            except StoreError as exc:
-                log.warning("could not record %s %s in history: %s", event.event, event.service, exc)
-            except Exception:  # noqa: BLE001 - history must never take the agent down
-                log.exception("history: unexpected error")
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (for at most `timeout` seconds), then stop."""

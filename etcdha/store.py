@@ -456,21 +456,34 @@ class Store:
             self.revoke(lease)
         return ok
 
-    @_translate
     def record(self, event: model.Event, keep: int = 100) -> None:
-        """Append a history entry for event.service and drop the oldest beyond `keep`.
+        """Append a history entry for event.service and drop the oldest beyond `keep` (see record_many)."""
+        self.record_many([event], keep)
 
-        Deletes exact keys only, and only keys of the form this function writes: a
-        range delete could reach keys that are not ours (another cluster whose prefix
-        happens to lie inside our history subtree).
+    @_translate
+    def record_many(self, events: Sequence[model.Event], keep: int = 100) -> None:
+        """Append history entries (in order) and drop each service's oldest beyond `keep`.
+
+        A few transactions for many entries (a takeover records two per service): the puts,
+        one listing per service of its entries, the deletes, TXN_OPS operations at most each.
+        Deletes exact keys only, and only keys of the form this function writes: a range
+        delete could reach keys that are not ours (another cluster whose prefix happens to
+        lie inside our history subtree). Not atomic, and need not be: history is best effort.
         """
-        base = model.history_prefix(self.prefix, event.service)
-        self.put(f"{base}{model.history_id(event)}", model.encode_event(event))
-        start = base.encode()
-        resp = self.kv.Range(etcdrpc.RangeRequest(key=start, range_end=prefix_end(start), keys_only=True),
-                             timeout=self.timeout)
-        ours = sorted(kv.key for kv in resp.kvs if model.is_history_id(kv.key[len(start):].decode(errors="replace")))
-        stale = ours[:max(0, len(ours) - keep)]
+        puts = [self._put(f"{model.history_prefix(self.prefix, e.service)}{model.history_id(e)}",
+                          model.encode_event(e)) for e in events]
+        for i in range(0, len(puts), TXN_OPS):
+            self._txn([], puts[i:i + TXN_OPS])
+        bases = sorted({model.history_prefix(self.prefix, e.service).encode() for e in events})
+        stale: list[bytes] = []
+        for i in range(0, len(bases), TXN_OPS):
+            chunk = bases[i:i + TXN_OPS]
+            resp = self._txn([], [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+                key=base, range_end=prefix_end(base), keys_only=True)) for base in chunk])
+            for base, r in zip(chunk, resp.responses):
+                ours = sorted(kv.key for kv in r.response_range.kvs
+                              if model.is_history_id(kv.key[len(base):].decode(errors="replace")))
+                stale += ours[:max(0, len(ours) - keep)]
         for i in range(0, len(stale), TXN_OPS):
             self._txn([], [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
                            for key in stale[i:i + TXN_OPS]])

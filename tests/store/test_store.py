@@ -439,3 +439,21 @@ def test_last_watched_change_is_the_newest_state_write_not_a_history_write(store
     store.put(f"{store.prefix}/history/web/0001", b"{}")  # later, but never on the watch
     assert first < newest < store.revision()
     assert store.last_watched_change() == newest
+
+
+def test_history_of_many_services_is_written_in_a_few_requests_and_pruned_per_service(store):
+    t0 = time.time()
+    events = [model.Event(f"s{i % 150}", t0 + i * 0.001, "a", "claimed", "vacant", i + 1) for i in range(450)]
+    calls = []
+    real = store._txn
+    store._txn = lambda *args, **kw: calls.append(1) or real(*args, **kw)
+    try:
+        store.record_many(events, keep=2)
+    finally:
+        store._txn = real
+    assert len(calls) <= 5 + 2 + 3, f"{len(calls)} transactions for 450 entries"  # puts, listings, deletes
+    for s in ("s0", "s77", "s149"):
+        kept = store.history(s)
+        assert [e.token for e in kept] == [e.token for e in events if e.service == s][-2:]
+    store.record(model.Event("s0", t0 + 10, "b", "claimed", "vacant", 999), keep=2)
+    assert [e.token for e in store.history("s0")] == [301, 999]
