@@ -160,6 +160,11 @@ class Actuator:
             programs = {**programs, **fresh}
         return Local(programs, counts, self.vips_up())
 
+    def next_change(self) -> Optional[float]:
+        """Seconds until a program is due to change state with no event to wake us (RUNNING after its
+        startsecs, a BACKOFF retry, a stop's SIGKILL); None if none is pending."""
+        return self.supervisor.next_due()
+
     def vips_up(self) -> frozenset[str]:
         """Services whose VIP is on its interface: one stdlib netlink dump per cycle."""
         try:

@@ -408,6 +408,9 @@ class Agent:
         sd_notify("WATCHDOG=1")  # only from the loop: a stuck loop gets restarted by systemd
         wait = self.config.reconcile_interval if plan.wake_in is None else min(plan.wake_in,
                                                                                self.config.reconcile_interval)
+        due = self.hands.next_change()  # a program RUNNING after its startsecs is news for status: read it then
+        if due is not None:
+            wait = min(wait, due)
         self._next_wait = 0.0 if any(a.kind is Kind.CLAIM for a in plan.actions) else max(0.01, wait)
 
     def measure(self, view: Optional[model.ClusterView], local: Local) -> None:

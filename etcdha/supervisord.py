@@ -49,7 +49,7 @@ RESYNC = 30.0  # seconds between full reads of every program's state, as a safet
 # states supervisord leaves only on a turn of its loop (startsecs passed, a retry due, stopwaitsecs over)
 PENDING = frozenset({"STARTING", "BACKOFF", "STOPPING"})
 COALESCE = 0.05  # seconds of program events gathered into one wake-up of the agent
-NUDGE = 0.1  # seconds between calls that wake supervisord's loop while a program is in one of them
+REFRESH = 0.1  # seconds between direct reads of the programs due to leave one of them (each wakes supervisord's loop)
 # open files supervisord holds per running program (stdin and stdout pipes, the log file, one spare) and
 # beside them; the agent holds one per service (its cgroup.events) and a few hundred of its own
 FDS_PER_PROGRAM, FDS_SPARE = 4, 512
@@ -150,6 +150,11 @@ def launch_spec(service: Service, node: str, token: int, cgroup: Path, parent: i
     return launch.script(service.command, env, service.directory, cgroup, parent, launch.pdeathsig_tool(), identity)
 
 
+def _pending_for(name: str, state: str, startsecs: Mapping[str, float]) -> float:
+    """How long supervisord keeps a program in a PENDING state before a turn of its loop moves it on."""
+    return startsecs.get(name, 1.0) if state == "STARTING" else 1.0
+
+
 class StateFeed(threading.Thread):
     """Every program's supervisord state, kept from the event listener's datagrams.
 
@@ -241,12 +246,19 @@ class StateFeed(threading.Thread):
                 return None
             return dict(self._states)
 
-    def due(self, now: float, startsecs: Mapping[str, float]) -> bool:
-        """Is some program waiting for a turn of supervisord's loop: STARTING for its startsecs, or
-        BACKOFF or STOPPING for a second?"""
+    def due(self, now: float, startsecs: Mapping[str, float]) -> list[str]:
+        """Programs waiting for a turn of supervisord's loop: STARTING for their startsecs, or
+        BACKOFF or STOPPING for a second."""
         with self._lock:
-            return any(now - self._since.get(name, now) >= (startsecs.get(name, 1.0) if state == "STARTING" else 1.0)
-                       for name, state in self._states.items() if state in PENDING)
+            return [name for name, state in self._states.items()
+                    if state in PENDING and now - self._since.get(name, now) >= _pending_for(name, state, startsecs)]
+
+    def next_due(self, now: float, startsecs: Mapping[str, float]) -> Optional[float]:
+        """Seconds until the next pending program is due (0 if one is), None if none is pending."""
+        with self._lock:
+            waits = [self._since.get(name, now) + _pending_for(name, state, startsecs) - now
+                     for name, state in self._states.items() if state in PENDING]
+        return max(0.0, min(waits)) if waits else None
 
     def load(self, states: Mapping[str, str], events_before: int, now: float) -> None:
         """Take a full read, made after `events_before` events had come in.
@@ -282,6 +294,23 @@ class StateFeed(threading.Thread):
             self._since[name] = time.monotonic()
             self._awaiting[name] = state
 
+    def refresh(self, states: Mapping[str, str], events_before: int) -> None:
+        """States of a few programs, asked directly after `events_before` events had come in.
+
+        A state is taken only where it is news (the events say otherwise) and no event about
+        the program came in meanwhile (those are at least as new). Then the event saying it is
+        still on its way behind supervisord's queue, and the older ones before it are ignored,
+        as after `note`. During a takeover that queue drains one event per turn of
+        supervisord's loop: RUNNING came up to half a second after the program was.
+        """
+        with self._lock:
+            for name, state in states.items():
+                if state == self._states.get(name) or any(i > events_before for i, _ in self._recent.get(name, ())):
+                    continue
+                self._states[name] = state
+                self._since[name] = time.monotonic()
+                self._awaiting[name] = state
+
     def invalidate(self) -> None:
         with self._lock:
             self._synced_at = None
@@ -301,7 +330,7 @@ class Supervisor:
         self.events_socket = self.dir / "events.sock"
         self.timeout = timeout
         self.feed: Optional[StateFeed] = None
-        self._next_nudge = 0.0
+        self._next_refresh = 0.0
         self._startsecs = {name: float(s.startsecs) for name, s in config.services.items()}
 
     def command(self) -> list[str]:
@@ -392,15 +421,19 @@ class Supervisor:
     def states(self) -> dict[str, str]:
         """service -> supervisord state name, for the programs supervisord knows.
 
-        From the event feed when it is current; otherwise one getAllProcessInfo, loaded
-        into the feed (with the events that came in meanwhile on top).
+        From the event feed when it is current (programs due to change state asked about
+        directly); otherwise one getAllProcessInfo, loaded into the feed (with the events
+        that came in meanwhile on top).
         """
         feed, now = self.feed, time.monotonic()
         if feed is not None:
             known = feed.current(now)
             if known is not None:
-                if now >= self._next_nudge and feed.due(now, self._startsecs):
-                    self.nudge(now)
+                if now >= self._next_refresh:
+                    due = feed.due(now, self._startsecs)
+                    if due:
+                        self._refresh(feed, due, now)
+                        known = feed.current(now) or known
                 return known
             events_before = feed.events
         states = {name: p["statename"] for name, p in self.processes().items()}
@@ -411,16 +444,27 @@ class Supervisor:
                 return merged
         return states
 
-    def nudge(self, now: float) -> None:
-        """One cheap call, so supervisord's loop runs now: it moves STARTING programs to RUNNING (and
-        BACKOFF, STOPPING along) only when it wakes, and idle it sleeps up to a second at a time.
-        Only when a program is due: each turn of its loop walks every program, which at hundreds
-        of services costs the CPU that starts elsewhere need."""
-        self._next_nudge = now + NUDGE
+    def _refresh(self, feed: StateFeed, names: list[str], now: float) -> None:
+        """Ask supervisord about programs due to change state, at most every REFRESH seconds.
+
+        The call also wakes supervisord's loop, which moves STARTING programs to RUNNING
+        (and BACKOFF, STOPPING along) only when it turns; idle, it sleeps up to a second.
+        Only due programs: each turn walks every program, at hundreds of services the CPU
+        that starts elsewhere need."""
+        self._next_refresh = now + REFRESH
+        events_before = feed.events
         try:
-            self._call("getState")
+            feed.refresh(self.states_of(names), events_before)
         except ActuatorError:
             pass  # supervisord's death is the fence's business; the next full read says more
+
+    def next_due(self) -> Optional[float]:
+        """Seconds until a program is due to change state without an event (see `states`); None if none."""
+        if self.feed is None:
+            return None
+        now = time.monotonic()
+        wait = self.feed.next_due(now, self._startsecs)
+        return None if wait is None else max(wait, self._next_refresh - now, 0.0)
 
     def states_of(self, names: list[str]) -> dict[str, str]:
         """The current state of a few programs, asked directly (one round trip, not all of them)."""

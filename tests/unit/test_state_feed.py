@@ -80,3 +80,39 @@ def test_a_note_is_believed_until_its_own_event_comes(feed, events_before_note, 
         serial += 1
         ev(feed, serial, state)
     assert feed.current(0.0)["web"] == expected
+
+
+@pytest.mark.parametrize("events_before_read, read, events_after_read, expected", [
+    ([], "RUNNING", [], "RUNNING"),                            # news: its event is still in supervisord's queue
+    ([], "RUNNING", ["STARTING"], "RUNNING"),                  # the stale STARTING behind it is ignored
+    ([], "RUNNING", ["STARTING", "RUNNING", "EXITED"], "EXITED"),  # once its own event came, events rule
+    (["RUNNING"], "RUNNING", ["EXITED"], "EXITED"),            # not news: nothing awaited, the exit counts
+    (["RUNNING", "EXITED"], "RUNNING", [], "EXITED"),          # an event came during the read: it is newer
+])
+def test_a_direct_read_is_believed_only_where_it_is_news(feed, events_before_read, read, events_after_read,
+                                                         expected):
+    feed.load({}, feed.events, 0.0)
+    ev(feed, 1, "STARTING")
+    serial, mark = 1, feed.events
+    for state in events_before_read:
+        serial += 1
+        ev(feed, serial, state)
+    feed.refresh({"web": read}, mark)
+    for state in events_after_read:
+        serial += 1
+        ev(feed, serial, state)
+    assert feed.current(0.0)["web"] == expected
+
+
+def test_due_programs_and_when_the_next_one_is(feed, monkeypatch):
+    import etcdha.supervisord as sd
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    feed.load({"web": "RUNNING", "db": "STOPPED"}, feed.events, 100.0)
+    assert feed.due(100.0, {}) == [] and feed.next_due(100.0, {}) is None  # nothing pending
+    ev(feed, 1, "STARTING", "web")
+    ev(feed, 2, "STOPPING", "db")
+    startsecs = {"web": 0.4}
+    assert feed.due(100.0, startsecs) == [] and feed.next_due(100.0, startsecs) == pytest.approx(0.4)
+    assert feed.due(100.5, startsecs) == ["web"] and feed.next_due(100.5, startsecs) == 0.0
+    assert sorted(feed.due(101.0, startsecs)) == ["db", "web"]  # STOPPING: a second
