@@ -213,7 +213,7 @@ class Actuator:
                 by_interface.setdefault(service.interface, []).append(service)
         for interface, services in by_interface.items():
             try:
-                up = {a.split("/")[0] for a in vip.addresses(interface)}
+                up = vip.ips(interface)
                 missing = [str(s.vip.ip) for s in services if str(s.vip.ip) not in up]
                 for ip, mac in vip.in_use_elsewhere_many(interface, missing).items():
                     owner = next(s for s in services if str(s.vip.ip) == ip)

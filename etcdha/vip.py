@@ -1,4 +1,4 @@
-"""Virtual IPs: netlink add/remove/list (pyroute2), gratuitous ARP and, for IPv6, unsolicited neighbour
+"""Virtual IPs: netlink add/remove/list (`netlink`, stdlib), gratuitous ARP and, for IPv6, unsolicited neighbour
 advertisements (both as raw frames on a packet socket).
 
 Used by the agent and by the fence process, so it imports nothing that starts
@@ -6,7 +6,6 @@ threads or gRPC. Everything acts on the network namespace of the calling process
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 import struct
@@ -14,42 +13,34 @@ import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from etcdha import netlink
 from etcdha.errors import ActuatorError, ConfigError
 
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
-IFA_F_NODAD = 0x02  # an IPv6 VIP is usable at once: we probed for duplicates ourselves, as keepalived does
 # Label put on every VIP we add, so `ip addr` shows who put it there.
 LABEL_SUFFIX = ":ha"
 
 
-def _index(ipr: IPRoute, interface: str) -> int:
-    found = ipr.link_lookup(ifname=interface)
-    if not found:
-        raise ActuatorError(f"interface {interface!r} does not exist in this network namespace")
-    return found[0]
+def _index(interface: str) -> int:
+    try:
+        return socket.if_nametoindex(interface)
+    except OSError:
+        raise ActuatorError(f"interface {interface!r} does not exist in this network namespace") from None
 
 
-def addresses(interface: str) -> set[str]:
-    """Every IPv4 and IPv6 address on `interface`, as 'ADDRESS/len' (IPv6 compressed, like ipaddress)."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, interface)
-        found = set()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for a in ipr.get_addr(index=idx, family=family):
-                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-                if ip:
-                    found.add(f"{ipaddress.ip_address(ip)}/{a['prefixlen']}")
-        return found
+def ips(interface: str) -> set[str]:
+    """Every IPv4 and IPv6 address on `interface` (IPv6 compressed, like ipaddress): two netlink dumps."""
+    index = _index(interface)
+    try:
+        return netlink.addresses(socket.AF_INET).get(index, set()) | netlink.addresses(socket.AF_INET6).get(index, set())
+    except OSError as exc:
+        raise ActuatorError(f"cannot list the addresses of {interface}: {exc}") from None
 
 
 def present(interface: str, cidr: str) -> bool:
     try:
-        return str(ipaddress.ip_interface(cidr).ip) in {a.split("/")[0] for a in addresses(interface)}
+        return str(ipaddress.ip_interface(cidr).ip) in ips(interface)
     except ActuatorError:
         return False
 
@@ -60,24 +51,19 @@ def add(interface: str, cidr: str) -> bool:
 
 
 def add_many(interface: str, cidrs: Iterable[str]) -> dict[str, object]:
-    """Add several VIPs over one netlink socket: cidr -> True (added), False (was there) or the error."""
-    done: dict[str, object] = {}
-    with IPRoute() as ipr:
-        idx = _index(ipr, interface)
-        for cidr in cidrs:
-            vip = ipaddress.ip_interface(cidr)
-            try:
-                if vip.version == 4:
-                    ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
-                             broadcast=str(vip.network.broadcast_address), label=(interface + LABEL_SUFFIX)[:15])
-                else:  # no broadcast, no labels in IPv6; skip DAD (probed before), so it is usable at once
-                    ipr.addr("add", index=idx, address=str(vip.ip), prefixlen=vip.network.prefixlen,
-                             family=socket.AF_INET6, flags=IFA_F_NODAD)
-                done[cidr] = True
-            except NetlinkError as exc:
-                done[cidr] = False if exc.code == errno.EEXIST else ActuatorError(
-                    f"cannot add {cidr} to {interface}: {exc}")
-    return done
+    """Add several VIPs over one netlink socket: cidr -> True (added), False (was there) or an ActuatorError.
+
+    IPv4 ones carry the label INTERFACE:ha (so `ip addr` shows who put them there); IPv6
+    ones skip duplicate address detection (we probed before), so they are usable at once.
+    """
+    cidrs = list(cidrs)
+    _index(interface)
+    try:
+        done = netlink.add_addresses(interface, cidrs, (interface + LABEL_SUFFIX)[:15])
+    except OSError as exc:
+        raise ActuatorError(f"cannot add {', '.join(cidrs)} to {interface}: {exc}") from None
+    return {cidr: ActuatorError(str(result)) if isinstance(result, OSError) else result
+            for cidr, result in done.items()}
 
 
 def remove(interface: str, cidr: str) -> bool:
@@ -125,10 +111,11 @@ def keep_secondaries(interface: str) -> bool:
 
 
 def _mac(interface: str) -> bytes:
-    with IPRoute() as ipr:
-        link = ipr.get_links(_index(ipr, interface))[0]
-        mac = link.get_attr("IFLA_ADDRESS")
-    return bytes.fromhex(mac.replace(":", ""))
+    _index(interface)
+    try:
+        return netlink.hardware_address(interface)
+    except OSError as exc:
+        raise ActuatorError(f"cannot read the MAC address of {interface}: {exc}") from None
 
 
 def arp_frames(mac: bytes, ip: str) -> list[bytes]:
@@ -358,7 +345,7 @@ class Announcer:
                 by_interface.setdefault(interface, []).append(cidr)
             for interface, cidrs in by_interface.items():
                 try:
-                    up = {a.split("/")[0] for a in addresses(interface)}  # one dump for all of its VIPs
+                    up = ips(interface)  # one dump for all of its VIPs
                     mine = [c for c in cidrs if str(ipaddress.ip_interface(c).ip) in up]
                     if mine:
                         self._send(interface, mine)

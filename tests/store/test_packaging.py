@@ -48,5 +48,5 @@ def test_wheel_metadata_and_license_file(dist):
     assert "License-Expression: Apache-2.0" in metadata
     requires = sorted(line.split(":", 1)[1].strip().split(";")[0] for line in metadata.splitlines()
                       if line.startswith("Requires-Dist:") and "extra ==" not in line)
-    assert requires == sorted(["python3-etcd3>=0.13", "supervisor>=4.2", "click>=8", "pyroute2>=0.7.3", "PyYAML>=6",
-                                       "prometheus-client>=0.16"])
+    assert requires == sorted(["python3-etcd3>=0.13", "supervisor>=4.2", "click>=8", "PyYAML>=6",
+                                "prometheus-client>=0.16"])

@@ -12,8 +12,8 @@ from etcdha import vip
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = {"python3-etcd3": "etcd3", "supervisor": "supervisor", "click": "click", "pyroute2": "pyroute2",
-           "PyYAML": "yaml", "prometheus-client": "prometheus_client"}
+MODULES = {"python3-etcd3": "etcd3", "supervisor": "supervisor", "click": "click", "PyYAML": "yaml",
+           "prometheus-client": "prometheus_client"}
 
 
 def dependencies() -> list[str]:
