@@ -239,7 +239,9 @@ class EventsWatcher(threading.Thread):
         self.stopping.set()
 
     def run(self) -> None:
-        poller = select.poll()
+        # epoll, not poll: poll() hands the kernel every fd on each call, and during a takeover of
+        # hundreds of services this thread woke once per program started, each time for all of them
+        poller = select.epoll()
         fds: dict[int, Path] = {}
         try:
             for group in self.groups:
@@ -248,16 +250,17 @@ class EventsWatcher(threading.Thread):
                 except OSError:
                     continue
                 self.populated[group] = b"populated 1" in os.read(fd, 256)  # arms: notifications come after a read
-                poller.register(fd, select.POLLPRI | select.POLLERR)
+                poller.register(fd, select.EPOLLPRI | select.EPOLLERR)
                 fds[fd] = group
             while not self.stopping.is_set():
-                ready = poller.poll(500)
+                ready = poller.poll(0.5)
                 for fd, _ in ready:
                     os.lseek(fd, 0, os.SEEK_SET)
                     self.populated[fds[fd]] = b"populated 1" in os.read(fd, 256)
                 if ready:
                     self.on_change()
         finally:
+            poller.close()
             for fd in fds:
                 os.close(fd)
 
