@@ -28,6 +28,7 @@ from etcdha.supervisord import Supervisor
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # how long SIGKILLed processes may take to be gone before we call them stuck
+PROBE_FRESH = 1.0  # seconds a VIP probe made while the claims went out is trusted by the start that follows
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,40 @@ class Local:
     programs: Mapping[str, str]   # service -> supervisord state name
     processes: Mapping[str, int]  # service -> processes in its cgroup
     vips_up: frozenset[str]       # services whose VIP is on our interface
+
+
+class AheadProbe(threading.Thread):
+    """One probe of the VIPs of services being claimed, run while the claims go out.
+
+    A takeover of many services started each batch of them with a probe window of its own
+    (a tenth of a second on a busy node, twice per takeover); probed beside the claims, the
+    start finds the answers ready. Answers are trusted for PROBE_FRESH seconds after the
+    probe ended: the probe guards against an address configured on another host, not
+    against one added in the same instant (no probe could).
+    """
+
+    def __init__(self, ips: Mapping[str, list[str]]):
+        super().__init__(name="etcdha-probe", daemon=True)
+        self.ips = {interface: list(v) for interface, v in ips.items()}
+        self.found: dict[str, dict[str, str]] = {}  # interface -> ip -> MAC of the host answering for it
+        self.ended = 0.0
+
+    def run(self) -> None:
+        for interface, ips in self.ips.items():
+            try:
+                self.found[interface] = vip.in_use_elsewhere_many(interface, ips)
+            except ActuatorError as exc:
+                log.debug("probing ahead: %s", exc)  # the start probes these itself
+        self.ended = time.monotonic()
+
+    def answers(self, interface: str, ips: list[str]) -> Optional[dict[str, str]]:
+        """ip -> MAC ("" if nobody answered) for those of `ips` this probe covered, if it is fresh."""
+        self.join(PROBE_FRESH)  # it ends within its window unless the node is starved
+        found = self.found.get(interface)
+        if self.is_alive() or found is None or time.monotonic() - self.ended > PROBE_FRESH:
+            return None
+        covered = set(self.ips[interface])
+        return {ip: found.get(ip, "") for ip in ips if ip in covered}
 
 
 class Actuator:
@@ -50,6 +85,7 @@ class Actuator:
         self.fence: Optional[FenceClient] = None
         self.supervisord_pid = 0
         self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
+        self.ahead: Optional[AheadProbe] = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -192,6 +228,25 @@ class Actuator:
 
     # ---- verbs -----------------------------------------------------------------------------------
 
+    def probe_ahead(self, services: list[Service]) -> None:
+        """Services about to be claimed: probe for their VIPs now, so their start need not (see AheadProbe)."""
+        ips: dict[str, list[str]] = {}
+        for s in services:
+            if s.vip is not None:
+                ips.setdefault(s.interface, []).append(str(s.vip.ip))
+        if ips:
+            self.ahead = AheadProbe(ips)
+            self.ahead.start()
+
+    def _in_use_elsewhere(self, interface: str, ips: list[str]) -> dict[str, str]:
+        """ip -> MAC of another host answering for it: from the probe ahead where fresh, else probed now."""
+        known = (self.ahead.answers(interface, ips) if self.ahead else None) or {}
+        found = {ip: mac for ip, mac in known.items() if mac}
+        rest = [ip for ip in ips if ip not in known]
+        if rest:
+            found.update(vip.in_use_elsewhere_many(interface, rest))
+        return found
+
     def start(self, service: Service, token: int) -> None:
         """VIP (probed, added, announced), then the program in its cgroup with the fencing token."""
         failed = self.start_many([(service, token)])
@@ -215,7 +270,7 @@ class Actuator:
             try:
                 up = vip.ips(interface)
                 missing = [str(s.vip.ip) for s in services if str(s.vip.ip) not in up]
-                for ip, mac in vip.in_use_elsewhere_many(interface, missing).items():
+                for ip, mac in self._in_use_elsewhere(interface, missing).items():
                     owner = next(s for s in services if str(s.vip.ip) == ip)
                     failed[owner.name] = ActuatorError(f"VIP {ip} is already answered on {interface} by {mac} (not "
                                                        "an etcdha owner?); refusing to add a duplicate")

@@ -538,6 +538,7 @@ class Agent:
         its last claim before its first program starts.
         """
         lease = self.lease.id
+        self.hands.probe_ahead([self.config.services[a.service] for a in actions if a.kind is Kind.CLAIM])
         futures = [self.workers.submit(self.attempt, a, lease) for a in actions]
         pending = set(futures)
         failed = fenced = False

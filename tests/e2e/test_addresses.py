@@ -1,7 +1,10 @@
 """VIP hygiene: leftovers from a crash are removed; a VIP answered by a foreign host is never duplicated."""
 from __future__ import annotations
 
+import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from lab import VIP, wait_until
@@ -120,3 +123,34 @@ def test_the_new_owner_announces_the_vip_in_rounds_and_the_old_one_stays_silent(
     assert rounds[-1] - rounds[0] >= 2.0
     assert not [g for g in garps if g[2] == macs["n1"] and float(g[0]) > t0 + 0.5], "n1 announced after handing over"
     assert sampler.violations == []
+
+
+AHEAD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from etcdha import actuator
+probe = actuator.AheadProbe({{"eth0": [{taken!r}, {free!r}]}})
+probe.start()
+now = probe.answers("eth0", [{taken!r}, {free!r}, "198.18.0.251"])
+time.sleep(actuator.PROBE_FRESH + 0.3)
+print(json.dumps({{"now": now, "later": probe.answers("eth0", [{taken!r}])}}))
+"""
+
+
+def test_a_probe_made_while_claiming_finds_a_foreign_vip_and_goes_stale(lab):
+    """The VIPs of a takeover are probed beside the claims (actuator.AheadProbe); a host answering for
+    one is found as by the probe right before the add, and an old answer is not trusted."""
+    taken, free = "198.18.0.250", "198.18.0.249"
+    lab.run("cl", ["ip", "addr", "add", f"{taken}/24", "dev", "eth0"])  # some other machine has the address
+    try:
+        code = AHEAD.format(root=str(Path(__file__).resolve().parents[2]), taken=taken, free=free)
+        res = lab.run(lab.node_names[0], [sys.executable, "-I", "-c", code])
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        link = lab.run("cl", ["ip", "-o", "link", "show", "eth0"]).stdout
+        mac = link.split("link/ether ")[1].split()[0]
+        assert got["now"] == {taken: mac, free: ""}, "the foreign host by its MAC, nobody for the free one; "\
+                                                      "an address it did not probe is not answered for"
+        assert got["later"] is None, "an answer older than PROBE_FRESH is not trusted (the start probes again)"
+    finally:
+        lab.run("cl", ["ip", "addr", "del", f"{taken}/24", "dev", "eth0"])
