@@ -713,8 +713,9 @@ class ScaleRun:
     """One N: a fresh lab, etcd and cluster (prefix /scaleN); every phase bounded by `timeout`."""
 
     def __init__(self, lab: L.Lab, n: int, trials: int, ttl: int, idle: float, timeout: float,
-                 startsecs: Optional[int], result: ScaleResult):
+                 startsecs: Optional[int], result: ScaleResult, fallback: str = "spread"):
         self.lab, self.n, self.trials, self.ttl, self.idle, self.timeout = lab, n, trials, ttl, idle, timeout
+        self.fallback = fallback
         self.result = result
         config = L.scale_services(n, startsecs=startsecs)
         self.names = sorted(config)
@@ -722,11 +723,18 @@ class ScaleRun:
         result.vips = sum(1 for v in self.vips.values() if v)
         result.workdir = str(lab.workdir)
         self.etcd = L.Etcd(lab)
-        # service i prefers node i % 3 (200), then the next node (150), then the last (100); the lab's
-        # own 0-20 per rank changes no order. A cold start spreads them N/3 per node; a fault moves a
-        # node's third to the next node, and the third that node then holds alone comes back to the
-        # restarted one when its own node is hit next (see pick_victim): every trial moves about N/3.
-        per_node = {node: {"services": {name: {**svc, "priority": (200, 150, 100)[(k - i) % 3]}
+        # service i prefers node i % 3 (200); the lab's own 0-20 per rank changes no order, and a cold
+        # start spreads them N/3 per node. Its second choice (150, the last 100): with fallback "next",
+        # the next node, so a fault moves the victim's third to one survivor, and the third that node
+        # then holds alone comes back to the restarted one when its own node is hit next (pick_victim);
+        # with "spread", the next node for every other group of six services and the one after for the
+        # rest, so the victim's third (VIPs too: every other service has one) moves half to each
+        # survivor, as an operator spreads fallbacks; each trial then starts from a fresh cold start.
+        def priority(i: int, k: int) -> int:
+            ranks = (200, 150, 100) if fallback == "next" or (i // 6) % 2 == 0 else (200, 100, 150)
+            return ranks[(k - i) % 3]
+
+        per_node = {node: {"services": {name: {**svc, "priority": priority(i, k)}
                                         for i, (name, svc) in enumerate(config.items())}}
                     for k, node in enumerate(lab.node_names)}
         self.cluster = L.Cluster(lab, self.etcd, f"/scale{n}", {"lease_ttl": ttl}, per_node)
@@ -752,7 +760,7 @@ class ScaleRun:
                     for scenario in ("agent-kill-9", "node-crash"):
                         self.faults(scenario)
                     self.drain()
-                    for _ in range(self.trials - 1):  # one start is one sample: start the whole cluster again
+                    while len(self.result.colds) < self.trials:  # one start is one sample: start them all again
                         if not self.cold_again():
                             break
         except Exception as exc:  # noqa: BLE001 - report what was measured so far, then clean up
@@ -838,6 +846,10 @@ class ScaleRun:
             phase = timed(self.feed, moved, victim, self.timeout, fault)
             result.trials[scenario].append(phase)
             self.out(f"{scenario} trial {i + 1}/{self.trials}, {victim} with {len(moved)} services: {fmt_phase(phase)}")
+            if self.fallback == "spread":  # no failback: only a new cold start spreads them N/3 per node again
+                if not self.cold_again():
+                    return
+                continue
             problem = restart(self.cluster, self.feed, victim, self.names, self.timeout, self.ttl)
             if problem:
                 result.problems.append(f"{scenario} trial {i + 1}, after restarting {victim}: {problem}")
@@ -907,11 +919,12 @@ class ScaleRun:
             result.problems.append(f"after the drain and undrain: {quiet}")
 
 
-def scale_run(n: int, trials: int, ttl: int, idle: float, timeout: float, startsecs: Optional[int]) -> ScaleResult:
+def scale_run(n: int, trials: int, ttl: int, idle: float, timeout: float, startsecs: Optional[int],
+              fallback: str) -> ScaleResult:
     """One N in a lab of its own; the lab removes every namespace, cgroup and process on exit."""
     result = ScaleResult(n=n)
     with L.Lab(name=f"s{n}") as lab:
-        ScaleRun(lab, n, trials, ttl, idle, timeout, startsecs, result).run()
+        ScaleRun(lab, n, trials, ttl, idle, timeout, startsecs, result, fallback).run()
     return result
 
 
@@ -955,7 +968,7 @@ def trial_cell(phases: list[Phase], key: str) -> str:
 
 
 def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, startsecs: Optional[int],
-                code: str) -> str:
+                code: str, fallback: str = "spread") -> str:
     etcd_version = "etcd " + subprocess.run(["etcd", "--version"], capture_output=True,
                                             text=True).stdout.split("\n")[0].rsplit(" ", 1)[-1]
     lines = [f"etcdha scale benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
@@ -964,6 +977,10 @@ def scale_table(results: list[ScaleResult], trials: int, ttl: int, idle: float, 
              "programs: `sleep 1000000` through etcdha's launcher, every other one with a VIP on eth0 "
              f"(198.18.1-3.x/24), startsecs {1 if startsecs is None else startsecs}"
              + (" (so RUNNING comes >= 1 s after a start)" if startsecs in (None, 1) else ""),
+             "second choices: " + ("every service's the node after its preferred one (a fault moves the victim's "
+                                   "third to one survivor)" if fallback == "next" else
+                                   "alternating between the two other nodes (a fault moves the victim's third half to "
+                                   "each survivor; every fault trial starts from a cold start)"),
              "seconds from the fault (cold start: from starting the agents; drain: from launching "
              "`etcdha drain --wait`, Python start-up included)",
              "as seen by a watch on the cluster's keys (owner, and the program state in the owner's node key, as "
@@ -1083,30 +1100,30 @@ CODE_DIR: Optional[Path] = None
 
 
 def scale_main(counts: list[int], trials: int, ttl: int, idle: float, phase_timeout: Optional[float],
-               startsecs: Optional[int]) -> int:
+               startsecs: Optional[int], fallback: str = "spread") -> int:
     global CODE_DIR
     import shutil
 
     cwd = os.getcwd()
     CODE_DIR, code = snapshot_code()
     try:
-        return scale_all(counts, trials, ttl, idle, phase_timeout, startsecs, code)
+        return scale_all(counts, trials, ttl, idle, phase_timeout, startsecs, code, fallback)
     finally:
         os.chdir(cwd)
         shutil.rmtree(CODE_DIR, ignore_errors=True)
 
 
 def scale_all(counts: list[int], trials: int, ttl: int, idle: float, phase_timeout: Optional[float],
-              startsecs: Optional[int], code: str) -> int:
+              startsecs: Optional[int], code: str, fallback: str = "spread") -> int:
     results = []
     for n in counts:
         timeout = phase_timeout or 60 + n / 2
         try:
-            results.append(scale_run(n, trials, ttl, idle, timeout, startsecs))
+            results.append(scale_run(n, trials, ttl, idle, timeout, startsecs, fallback))
         except Exception as exc:  # noqa: BLE001 - e.g. the lab could not be built: report it, go on
             results.append(ScaleResult(n=n, problems=[f"no run: {type(exc).__name__}: {exc}"]))
     print()
-    print(scale_table(results, trials, ttl, idle, startsecs, code))
+    print(scale_table(results, trials, ttl, idle, startsecs, code, fallback))
     return 1 if any(r.violations for r in results) else 0
 
 
@@ -1126,6 +1143,10 @@ def main() -> int:
     parser.add_argument("--phase-timeout", type=float, default=None,
                         help="scale mode: seconds each phase may take before it is reported as not done "
                              "(default 60 + N/2)")
+    parser.add_argument("--fallback", choices=("spread", "next"), default="spread",
+                        help="scale mode: each service's second choice alternates between the two other nodes "
+                             "(spread, the default) or is always the next node (next: a fault moves a node's whole "
+                             "third to one survivor)")
     parser.add_argument("--startsecs", type=int, default=None,
                         help="scale mode: startsecs of every program (default: etcdha's default, 1 s, so RUNNING "
                              "comes at least 1 s after the start)")
@@ -1138,7 +1159,7 @@ def main() -> int:
         if not counts or min(counts) < 1 or max(counts) > 5000:
             parser.error(f"--services: expected comma-separated counts of 1-5000, got {args.services!r}")
         return scale_main(counts, 3 if args.trials is None else args.trials, args.ttl, args.idle,
-                          args.phase_timeout, args.startsecs)
+                          args.phase_timeout, args.startsecs, args.fallback)
     if args.trials is None:
         args.trials = 20
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
