@@ -236,8 +236,9 @@ class StateFeed(threading.Thread):
                 awaited = self._awaiting.get(name)
                 if awaited is None or awaited == state:
                     self._awaiting.pop(name, None)
+                    if self._states.get(name) != state:  # the awaited event of a noted state changes nothing:
+                        self._since[name] = time.monotonic()  # it comes late in a takeover, due times must not
                     self._states[name] = state
-                    self._since[name] = time.monotonic()
 
     def current(self, now: float) -> Optional[dict[str, str]]:
         """A copy of the states if they can be trusted now, else None."""

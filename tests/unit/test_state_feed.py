@@ -116,3 +116,19 @@ def test_due_programs_and_when_the_next_one_is(feed, monkeypatch):
     assert feed.due(100.0, startsecs) == [] and feed.next_due(100.0, startsecs) == pytest.approx(0.4)
     assert feed.due(100.5, startsecs) == ["web"] and feed.next_due(100.5, startsecs) == 0.0
     assert sorted(feed.due(101.0, startsecs)) == ["db", "web"]  # STOPPING: a second
+
+
+def test_the_late_event_of_a_noted_start_does_not_push_its_due_time(feed, monkeypatch):
+    """During a takeover the STARTING event comes up to half a second after the start was noted: RUNNING
+    is due startsecs after the start, not after the event."""
+    import etcdha.supervisord as sd
+    clock = [100.0]
+    monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
+    feed.load({"web": "STOPPED"}, feed.events, 100.0)
+    feed.note("web", "STARTING", feed.events)
+    clock[0] = 100.6
+    ev(feed, 1, "STARTING")
+    assert feed.next_due(100.6, {"web": 1.0}) == pytest.approx(0.4)
+    ev(feed, 2, "RUNNING")
+    ev(feed, 3, "EXITED")
+    assert feed.current(100.6)["web"] == "EXITED"
