@@ -1,7 +1,9 @@
 """The agent loop: wait -> snapshot -> plan -> execute -> publish.
 
 Woken by a watch event, a lease state change, a signal or a tick. Deciding is
-`decide.plan`; this module only gathers facts and carries out actions. The lease
+`decide.plan` and doing is `executor.Executor`; this module gathers the facts, hands
+the plan over and publishes what came of it, and owns joining, fencing and rejoining,
+and the graceful stop. The lease
 is renewed by its own thread and feeds the fence directly, so a slow action here
 never delays renewal, and a hung agent (all threads stopped) is fenced.
 """
@@ -15,26 +17,20 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
 from etcdha import decide, events, health, metrics, model
 from etcdha.actuator import Actuator, Local
-from etcdha.config import Config, Service, election_ride_through, host_problems
+from etcdha.config import Config, election_ride_through, host_problems
 from etcdha.decide import Action, Kind, Reason
-from etcdha.errors import ActuatorError, AuthError, ConfigError, EtcdhaError, StoreError
+from etcdha.executor import Executor, candidate_value
+from etcdha.errors import ActuatorError, AuthError, ConfigError, StoreError
 from etcdha.history import HistoryWriter
 from etcdha.lease import Lease, LeaseState
 from etcdha.store import Store
 from etcdha.supervisord import service_environment
 
 log = logging.getLogger(__name__)
-
-# claims (or handoffs) in flight at once: a cold start or a takeover of hundreds of services waits for
-# one etcd round trip per CLAIM_WORKERS claims instead of one per claim; a drain stops as many at once
-CLAIM_WORKERS = 8
-# claimed services start in batches of this many while the other claims are still running
-START_BATCH = 32
 
 
 def log_event(event: model.Event) -> None:
@@ -70,7 +66,6 @@ class Agent:
                                     lambda service, token: {**os.environ, **service_environment(service, config.node,
                                                                                                 token)},
                                     on_change=self.wake.set, clock=clock)
-        self.starts: dict[str, tuple[int, float]] = {}  # service -> (token, monotonic time) of our last start
         self.history = HistoryWriter(self.store, config.history_size)
         self.hook = (events.Hook(config.notify_command, config.notify_timeout,
                                  self.hands.cgroups.services_dir / "_hooks")
@@ -90,7 +85,6 @@ class Agent:
                                            clock=clock)
             self.events.subscribers.append(self.metrics.event)
             self.store.observer = self.metrics.etcd_call
-        self.claimed_at: dict[str, float] = {}  # service -> when we claimed it (monotonic): claim-to-running
         self.my_failures: dict[str, int] = {}  # service -> health-check fail count here, as of the last view
         self.lease: Optional[Lease] = None
         self.watcher = None  # the Informer: our copy of the cluster, kept from the watch
@@ -109,10 +103,10 @@ class Agent:
         self._next_wait = 0.0
         self.claims_from = 0.0
         self.view_floor = 0  # the first claims wait for a view at least this new (see read_view)
-        self.claimed: list[tuple[str, int]] = []  # (service, token) claimed (or restarted) in this cycle: started in it too
-        self.failing: dict[str, tuple[str, str]] = {}  # service -> (check, output), as planned on in this cycle
-        self.claimed_lock = threading.Lock()
-        self.workers = ThreadPoolExecutor(max_workers=CLAIM_WORKERS, thread_name_prefix="etcdha-act")
+        self.executor = Executor(config, self.store, self.hands, self.prober, self.events, self.wake,
+                                 lease=lambda: self.lease, local=lambda: self.local,
+                                 vacant_since=lambda: self.vacant_since, publish=self.publish, recover=self.recover,
+                                 clock=clock, metrics_=self.metrics)
         self.ready = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -211,7 +205,7 @@ class Agent:
                                    clock=self.clock)
                 lease_id = self.lease.grant()
                 held = self.store.register(self.config.node, lease_id, self.node_value({}), {
-                    s.name: self.candidate_value(s) for s in self.config.services.values()}, {
+                    s.name: candidate_value(s) for s in self.config.services.values()}, {
                     s.name: model.encode_service(str(s.vip) if s.vip else None)
                     for s in self.config.services.values()})
                 if held is not None:
@@ -320,7 +314,7 @@ class Agent:
         if self.metrics is not None:
             self.metrics.close()
         self.hands.shutdown()
-        self.workers.shutdown(wait=True)
+        self.executor.close()
         self.history.close()
         self.store.close()
 
@@ -352,8 +346,9 @@ class Agent:
             self.owned = {svc: o.token for svc, o in view.owners.items()
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
             # probe what we own and supervisord says is RUNNING, counted from our own start of it
-            self.prober.track({svc: self.starts[svc] for svc, token in self.owned.items()
-                               if local.programs.get(svc) == "RUNNING" and self.starts.get(svc, (0, 0))[0] == token},
+            started = self.executor.starts
+            self.prober.track({svc: started[svc] for svc, token in self.owned.items()
+                               if local.programs.get(svc) == "RUNNING" and started.get(svc, (0, 0))[0] == token},
                               frozenset(self.owned))
         for r in self.prober.recovered():
             self.record(r.service, "recovered", "checks pass", r.token, f"{r.check}: {r.output}")
@@ -379,19 +374,20 @@ class Agent:
         # the rest in order, then claims and handoffs several at a time (each its own one-key transaction or
         # stop), then the starts as one batch: they concern different services, so their order does not matter
         fenced = False
-        self.claimed = []
-        self.failing = unhealthy
+        act = self.executor
+        act.claimed = []
+        act.failing = unhealthy
         for action in plan.actions:
-            if action.kind not in (Kind.START, Kind.CLAIM, Kind.HANDOFF) and not self.execute(action):
+            if action.kind not in (Kind.START, Kind.CLAIM, Kind.HANDOFF) and not act.execute(action):
                 fenced = True
                 break  # we fenced ourselves: the rest of the plan is void
         if not fenced and together:
-            fenced = not (self.execute_together(together) if len(together) > 1 else self.execute(together[0]))
+            fenced = not (act.execute_together(together) if len(together) > 1 else act.execute(together[0]))
         # what we just claimed starts in this same batch: the next plan would say START (a claim is only
         # planned where nothing of it runs here), and start_all checks each owner key in etcd first
-        starts += [Action(Kind.START, service, Reason.OWNER, token=token) for service, token in self.claimed]
+        starts += [Action(Kind.START, service, Reason.OWNER, token=token) for service, token in act.claimed]
         if starts and not fenced:
-            self.start_all(starts)
+            act.start_all(starts)
         if view is not None:
             if plan.actions or starts:
                 # what we just did, not what ran before it: `status` must never say STOPPED for a program that
@@ -415,15 +411,16 @@ class Agent:
 
     def measure(self, view: Optional[model.ClusterView], local: Local) -> None:
         """Hand the metrics what this cycle knows (read only when scraped); time claims until RUNNING."""
-        for svc, since in list(self.claimed_at.items()):
+        claimed_at = self.executor.claimed_at
+        for svc, since in list(claimed_at.items()):
             owner = view.owners.get(svc) if view else None  # (the view is from before this cycle's claims)
             if local.programs.get(svc) == "RUNNING":
                 if self.metrics is not None:
                     self.metrics.claim_to_running.observe(self.clock() - since)
-                self.claimed_at.pop(svc)
+                claimed_at.pop(svc)
             elif (owner is not None and (owner.node, owner.lease) != (self.config.node, self.lease.id)) \
                     or self.clock() - since > 3600:
-                self.claimed_at.pop(svc)  # given up or lost before it ran: nothing to time
+                claimed_at.pop(svc)  # given up or lost before it ran: nothing to time
         if self.metrics is None:
             return
         wall = time.time()
@@ -510,218 +507,16 @@ class Agent:
     def priorities(self) -> dict[str, int]:
         return {name: s.priority for name, s in self.config.services.items()}
 
-    # ---- actions --------------------------------------------------------------------------------
-
-    def candidate_value(self, service: Service) -> bytes:
-        return model.encode_candidate(service.priority, str(service.vip) if service.vip else None)
+    # ---- what we publish -------------------------------------------------------------------------
 
     def node_value(self, programs: dict[str, str], processes: Optional[dict[str, int]] = None,
                    checks: Optional[dict[str, str]] = None) -> bytes:
         return model.encode_node(self.config.node, self.lease.id if self.lease else 0, os.getpid(),
                                  self.started, programs, processes or {}, checks or {}, self.node_unhealthy)
 
-    def execute(self, action: Action) -> bool:
-        """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
-        failure = self.attempt(action)
-        if failure is not None:  # a stop that did not hold: nothing may be released
-            self.recover(f"{action} failed, fencing this node: {failure}")
-            return False
-        return True
-
-    def execute_together(self, actions: list[Action]) -> bool:
-        """Claims and handoffs of different services, CLAIM_WORKERS at a time; False if we fenced ourselves.
-
-        A drain hands over dozens of services and a takeover claims hundreds: one after
-        another they waited for each other's stop or etcd round trip. While the workers
-        claim, what is already claimed starts here (START_BATCH at a time, each batch
-        checked against etcd by start_all): a takeover of hundreds no longer waits for
-        its last claim before its first program starts.
-        """
-        lease = self.lease.id
-        self.hands.probe_ahead([self.config.services[a.service] for a in actions if a.kind is Kind.CLAIM])
-        futures = [self.workers.submit(self.attempt, a, lease) for a in actions]
-        pending = set(futures)
-        failed = fenced = False
-        while pending:
-            done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
-            failed = failed or any(not f.cancelled() and f.result() is not None for f in done)
-            if not (failed or fenced) and len(self.claimed) >= START_BATCH:
-                with self.claimed_lock:  # workers append meanwhile
-                    batch, self.claimed = self.claimed, []
-                if not self.start_all([Action(Kind.START, svc, Reason.OWNER, token=token) for svc, token in batch]):
-                    fenced = True  # we fenced ourselves and rejoined: what is left of this plan is void
-                    for f in pending:
-                        f.cancel()
-        if fenced:
-            return False
-        failures = [(a, f.result()) for a, f in zip(actions, futures) if f.result() is not None]
-        if failures:
-            action, failure = failures[0]
-            self.recover(f"{action} failed, fencing this node: {failure}")
-            return False
-        return True
-
-    def attempt(self, action: Action, planned_on: Optional[int] = None) -> Optional[EtcdhaError]:
-        """Carry out one action (not START: see start_all); the error if a stop did not hold (the caller must
-        fence), else None. With `planned_on`, nothing is done once our lease is no longer that one."""
-        service = self.config.services[action.service]
-        prefix, me, lease = self.config.etcd.prefix, self.config.node, self.lease.id
-        if planned_on is not None and lease != planned_on:
-            return None  # we fenced ourselves and rejoined since this was planned
-        if action.kind in (Kind.CLAIM, Kind.START, Kind.RESTART) and not (
-                self.hands.runtime_alive() and self.lease.poll() is LeaseState.OK):
-            # we may have stalled since planning (e.g. SIGSTOP): the plan is stale, take nothing
-            log.warning("not doing %s: the lease is no longer healthy", action)
-            self.wake.set()
-            return None
-        try:
-            if action.kind is Kind.ENROLL:
-                self.store.put(model.candidate_key(prefix, service.name, me), self.candidate_value(service), lease)
-                self.store.delete(model.cooldown_key(prefix, service.name, me))
-            elif action.kind is Kind.WITHDRAW:
-                self.store.delete(model.candidate_key(prefix, service.name, me))
-            elif action.kind is Kind.CLAIM:
-                token = self.store.claim(service.name, me, lease, time.time(),
-                                         complete_move=action.reason is Reason.MOVED)
-                log.info("%s %s", "claimed" if token else "lost the race for", service.name)
-                if token:
-                    self.record(service.name, "claimed", action.reason.value, token)
-                    with self.claimed_lock:
-                        self.claimed.append((service.name, token))
-                    self.claimed_at[service.name] = self.clock()
-                    if self.metrics is not None and action.reason is Reason.VACANT:
-                        self.metrics.takeover.observe(max(0.0, self.clock() - self.vacant_since.get(service.name,
-                                                                                                 self.clock())))
-            elif action.kind is Kind.STOP:
-                self.hands.stop(service)
-                self.record(service.name, "stopped", action.reason.value)
-            elif action.kind is Kind.RESTART:
-                self.restart(service, action.token)
-            elif action.kind is Kind.RELEASE:
-                if action.reason is Reason.UNHEALTHY:
-                    self.count_failure(service, action.token)
-                self.release(service, self.failure(action), action.token,
-                             "migrated" if action.reason is Reason.UNHEALTHY else "failed")
-            elif action.kind is Kind.HANDOFF:
-                self.prober.forget(service.name)
-                self.hands.stop(service)  # raises unless the cgroup is empty and the VIP gone
-                self.record(service.name, "stopped", action.reason.value, action.token)
-                if self.store.release(service.name, lease):
-                    log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
-                    self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}")
-            elif action.kind is Kind.REQUEST_MOVE:
-                if self.store.request_move(service.name, me, action.target, action.token, self.config.move_timeout):
-                    log.info("drained: asked to move %s to %s", service.name, action.target)
-        except (ConfigError, ActuatorError) as exc:
-            return exc
-        except StoreError as exc:
-            log.error("%s failed: %s", action, exc)
-        return None
-
-    def start_all(self, actions: list[Action]) -> bool:
-        """START actions as one batch: only what etcd itself still says is ours; failures are released.
-
-        The owner keys are read from etcd (linearizable, one transaction) right before:
-        a view that lags behind can never start a program we no longer own. False if we
-        had to fence ourselves.
-        """
-        if not (self.hands.runtime_alive() and self.lease.poll() is LeaseState.OK):
-            log.warning("not starting %s: the lease is no longer healthy", ", ".join(a.service for a in actions))
-            self.wake.set()
-            return True
-        try:
-            owners = self.store.owners([a.service for a in actions])
-        except StoreError as exc:
-            log.error("not starting %s: %s", ", ".join(a.service for a in actions), exc)
-            return True
-        ours = []
-        for a in actions:
-            owner = owners.get(a.service)
-            if owner is not None and owner.lease == self.lease.id and owner.create_revision == a.token:
-                ours.append(a)
-            else:
-                log.warning("not starting %s: etcd says its owner key is %s, not ours with token %d", a.service,
-                            "gone" if owner is None else f"on lease {owner.lease:x} token {owner.create_revision}",
-                            a.token)
-                self.wake.set()
-        if ours:
-            self.publish(None, self.local, frozenset(a.service for a in ours))
-        failed = self.hands.start_many([(self.config.services[a.service], a.token) for a in ours])
-        started = self.clock()
-        for a in ours:
-            if a.service not in failed:
-                self.starts[a.service] = (a.token, started)
-                self.record(a.service, "started", a.reason.value, a.token)
-        for a in ours:
-            if a.service in failed:
-                log.error("%s failed: %s", a, failed[a.service])
-                try:
-                    self.release(self.config.services[a.service], str(failed[a.service]), a.token)
-                except (ConfigError, ActuatorError) as exc:  # the stop did not hold: nothing may be released
-                    self.recover(f"{a} failed and its stop did not hold, fencing this node: {exc}")
-                    return False
-        return True
-
-    def failure(self, action: Action) -> str:
-        """The reason recorded in history when we give a service up."""
-        if action.reason is Reason.UNHEALTHY:
-            check, output = self.failing.get(action.service, ("?", ""))
-            service = self.config.services[action.service]
-            return (f"check {check} failed after {service.max_restarts} restart(s) within "
-                    f"{service.failure_timeout:g}s: {output}")
-        if action.reason is Reason.DAEMONIZED:
-            left = self.local.processes.get(action.service, 0)
-            return (f"program daemonized: supervisord's process exited while {left} process(es) remain in its "
-                    "cgroup; run it in the foreground (e.g. nginx -g 'daemon off;')")
-        return "supervisord reports FATAL"
-
     def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
         """One transition to every subscriber: history in etcd, the notification hook, the log. Never blocks."""
         self.events.emit(service, event, reason, token, detail)
-
-    def count_failure(self, service: Service, token: int) -> model.Failures:
-        """A failed health check, counted in etcd (raises StoreError: then we do nothing yet) and recorded."""
-        check, output = self.failing.get(service.name, ("?", ""))
-        failures = self.store.add_failure(service.name, self.config.node, time.time(), service.failure_timeout,
-                                          check, output)
-        count = failures.count(time.time())
-        log.warning("%s: check %s failed (failure %d within %gs): %s", service.name, check, count,
-                    service.failure_timeout, output)
-        self.record(service.name, "check-failed", "unhealthy", token, f"{check}: {output}")
-        return failures
-
-    def restart(self, service: Service, token: int) -> None:
-        """Restart in place after failed checks: count it, stop (verified: raises if it did not hold), start again."""
-        count = self.count_failure(service, token).count(time.time())
-        self.prober.restarting(service.name)
-        self.hands.stop(service)
-        self.record(service.name, "stopped", "unhealthy", token)
-        self.claimed.append((service.name, token))  # started in this cycle's batch, after a check of the owner key
-        self.record(service.name, "restarted", "unhealthy", token,
-                    f"restart {count} of at most {service.max_restarts} within {service.failure_timeout:g}s")
-
-    def release(self, service: Service, why: str, token: int = 0, event: str = "failed") -> None:
-        """Give up a service that fails here: stop (verified), step aside for a while, delete the owner key.
-
-        Raises ActuatorError if the stop did not hold: then the key stays ours and the
-        caller fences this node.
-        """
-        self.prober.forget(service.name)
-        self.hands.stop(service)
-        self.record(service.name, "stopped", event, token)
-        prefix, me = self.config.etcd.prefix, self.config.node
-        until = time.time() + self.config.failure_cooldown
-        try:
-            self.store.put(model.cooldown_key(prefix, service.name, me), model.encode_cooldown(until, why),
-                           self.lease.id)
-            self.store.delete(model.candidate_key(prefix, service.name, me))
-            self.store.release(service.name, self.lease.id)
-        except StoreError as exc:  # e.g. our lease is gone: the owner key went with it
-            log.error("releasing %s in etcd: %s", service.name, exc)
-            return
-        self.record(service.name, event, why, token)
-        log.warning("released %s: %s; not taking it here again for %gs (etcdha cleanup %s clears this)",
-                    service.name, why, self.config.failure_cooldown, service.name)
 
     def publish(self, view: Optional[model.ClusterView], local: Local, starting: frozenset[str] = frozenset()) -> None:
         """Keep our node key current (program states, processes per cgroup), re-creating it if it vanished.
