@@ -182,3 +182,25 @@ def test_a_few_programs_are_asked_about_directly_not_with_a_full_read(sup):
              what="d EXITED when asked directly")
     assert sup.states_of(["no-such-program"]) == {}
     assert sup.full_reads == reads
+
+
+def test_running_is_known_while_the_events_are_held_up_and_events_rule_again_after(sup):
+    """In a takeover supervisord's event queue drains one event per turn of its loop, behind the
+    spawns: a program past its startsecs is asked about directly, so RUNNING does not wait for the
+    queue. Here the listener is frozen, so no event comes at all until it is resumed."""
+    listener = sup.processes()[LISTENER_NAME]["pid"]
+    reads = sup.full_reads
+    os.kill(listener, signal.SIGSTOP)
+    try:
+        _start(sup, "slow1")
+        started = _now()
+        wait_for(lambda: sup.states()["slow1"] == "RUNNING", 5, interval=0.05, what="slow1 RUNNING, events held up")
+        assert _now() - started >= 0.9, "RUNNING before its startsecs (1 s)"
+        assert sup.feed.current(_now()) is not None and sup.full_reads == reads, "not a full read: one direct ask"
+    finally:
+        os.kill(listener, signal.SIGCONT)
+    wait_for(lambda: not sup.feed._awaiting, 5, interval=0.05,
+             what="the held-up events to come (the stale STARTING passed over, then RUNNING awaited)")
+    assert sup.states()["slow1"] == "RUNNING"
+    kill_pid(sup.processes()["slow1"]["pid"])
+    wait_for(lambda: sup.states()["slow1"] == "EXITED", 5, interval=0.02, what="slow1 EXITED from its event")
