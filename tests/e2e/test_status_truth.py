@@ -45,6 +45,14 @@ class Poller:
         self.proc.wait(10)
 
 
+def judged(polls: list[tuple[float, str, str]], starts: list[tuple[float, str]]) -> list[tuple[float, str, str]]:
+    """(seconds after it answered, node, state) of every feed line that shows the node whose program
+    answered on the VIP, from its first answer until the next owner's."""
+    bounds = [t for t, _ in starts[1:]] + [float("inf")]
+    return [(ts - answered, node, state) for (answered, node), until in zip(starts, bounds)
+            for ts, owner, state in list(polls) if answered < ts < until and owner == node]
+
+
 def test_status_never_says_stopped_once_the_program_answers(make_cluster, sampler, probe):
     cluster = make_cluster()
     poller = Poller(cluster)
@@ -59,17 +67,12 @@ def test_status_never_says_stopped_once_the_program_answers(make_cluster, sample
             starts.append((wait_until(lambda: probe.first_answer_after(t0, exclude=previous), 10,
                                       f"{target} to answer"), target))
             time.sleep(1.0)
-        wait_until(lambda: len(poller.polls) > 20, 20, "enough feed lines")
+        # evidence: the feed writes a line at least every 0.5 s, so the last owner's window fills up
+        wait_until(lambda: len(judged(poller.polls, starts)) >= 10, 20, "ten feed lines while a program answered")
     finally:
         poller.stop()
-    bounds = [t for t, _ in starts[1:]] + [float("inf")]
-    wrong, checked = [], 0
-    for (answered, node), until in zip(starts, bounds):
-        for ts, owner, state in poller.polls:
-            if answered < ts < until and owner == node:
-                checked += 1
-                if state not in ("STARTING", "RUNNING"):
-                    wrong.append((round(ts - answered, 3), node, state))
-    assert checked >= 10, poller.polls
+    seen = judged(poller.polls, starts)
+    wrong = [(round(after, 3), node, state) for after, node, state in seen if state not in ("STARTING", "RUNNING")]
+    assert len(seen) >= 10, poller.polls
     assert wrong == [], f"status contradicted a program that already answered: {wrong}"
     assert sampler.violations == []
