@@ -10,6 +10,7 @@ import dataclasses
 import getpass
 import json
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -297,18 +298,33 @@ def status(settings: Settings, as_json: bool, watch: bool) -> None:
         wake = threading.Event()
         watcher = store.watcher(wake.set)
         watcher.start()
+        # Ctrl-C ends the loop between two redraws: a KeyboardInterrupt raised inside a gRPC call could
+        # leave the client unable to close (seen once: `status --watch` ignoring SIGINT). The handler
+        # only sets a flag (no lock: it runs between two bytecodes of this thread) and gives SIGINT back,
+        # so a second Ctrl-C interrupts whatever is slow (an unreachable etcd) at once.
+        stop: list[bool] = []
+
+        def interrupted(*_: object) -> None:
+            stop.append(True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = signal.signal(signal.SIGINT, interrupted)
         try:
-            while True:
+            while not stop:
                 text = render(status_doc(store))
                 click.clear()
                 click.echo(f"{time.strftime('%H:%M:%S')}  (watching {store.endpoint}{store.prefix}; Ctrl-C to stop)")
                 click.echo(text)
-                wake.wait(5.0)
+                for _ in range(50):  # 5 s, or until a change (or Ctrl-C)
+                    if stop or wake.wait(0.1):
+                        break
                 wake.clear()
-                time.sleep(0.1)  # let a burst of changes settle into one redraw
+                if not stop:
+                    time.sleep(0.1)  # let a burst of changes settle into one redraw
         except KeyboardInterrupt:
             pass
         finally:
+            signal.signal(signal.SIGINT, previous)
             watcher.stop()
 
 
