@@ -73,8 +73,51 @@ def _supervisord_preexec() -> None:
         pass
 
 
-def descendants(root: int) -> list[int]:
-    """PIDs below `root` in the process tree, read from /proc."""
+def _children(pid: int) -> Optional[list[int]]:
+    """Children of `pid` from /proc/PID/task/*/children (CONFIG_PROC_CHILDREN); None if the kernel lacks it."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone meanwhile
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task"):
+                return found  # the process went away
+            return None  # the process is there, the file is not: no CONFIG_PROC_CHILDREN
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def descendants(root: int, depth: int = 64) -> list[int]:
+    """PIDs below `root` in the process tree, down to `depth` generations.
+
+    Walked down from `root` through /proc/PID/task/*/children: a file per process of the
+    tree, not a stat file per process on the host. Kernels without CONFIG_PROC_CHILDREN:
+    every /proc/PID/stat is read instead.
+    """
+    found: list[int] = []
+    level = [root]
+    for _ in range(depth):
+        below: list[int] = []
+        for pid in level:
+            children = _children(pid)
+            if children is None:
+                return _descendants_from_stat(root, depth)
+            below.extend(children)
+        if not below:
+            break
+        found.extend(below)
+        level = below
+    return found
+
+
+def _descendants_from_stat(root: int, depth: int) -> list[int]:
+    """descendants() from every /proc/PID/stat (parent PIDs), for kernels without the children files."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -86,15 +129,23 @@ def descendants(root: int) -> list[int]:
             continue
         ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
         children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+    found: list[int] = []
+    level = [root]
+    for _ in range(depth):
+        level = [child for pid in level for child in children.get(pid, [])]
+        if not level:
+            break
+        found.extend(level)
     return found
 
 
-LOG_FORMAT = "text"  # of our stderr lines: text, journal (`<N>` priorities) or json, as the agent's (--log-format)
+def listed(removed: Sequence[str], most: int = 4) -> str:
+    """The VIPs a fence removed, for its one log line: at most `most` named, then how many more."""
+    if not removed:
+        return "no VIPs"
+    named = ", ".join(removed[:most])
+    more = f" and {len(removed) - most} more" if len(removed) > most else ""
+    return f"{len(removed)} VIP{'s' if len(removed) != 1 else ''} ({named}{more})"
 
 
 def priority(message: str) -> int:
@@ -178,35 +229,44 @@ class Fence:
             if self.child is not None and pid == self.child.pid:
                 self.child_exited = True
 
-    def kill_descendants(self) -> int:
-        """SIGKILL every process below us (supervisord, and a launcher not yet in its cgroup)."""
-        victims = descendants(os.getpid())
+    def kill_descendants(self, depth: int = 64) -> set[int]:
+        """SIGKILL every process below us down to `depth` generations; their PIDs."""
+        victims = descendants(os.getpid(), depth)
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return len(victims)
+        return set(victims)
 
     def kill_everything(self) -> tuple[int, bool]:
-        """Stop supervisord spawning, kill the service subtree and our descendants; (processes, empty?)."""
+        """Stop supervisord spawning, kill the service subtree and our descendants; (processes, empty?).
+
+        Right after the subtree's kill only supervisord and its children are walked (a launcher
+        not yet in its cgroup is one; it forks nothing before it is inside): the full tree is
+        walked once the subtree is empty, when it is small. At hundreds of services, walking
+        the whole tree first (and counting the subtree) was most of the time between an
+        agent's crash and the handoff.
+        """
         if self.child is not None and not self.child_exited:
             try:
                 os.kill(self.child.pid, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
-        count = len(cgroup.pids(self.services))
         errors = []
-        for _ in range(2):  # again after the descendants: one may have entered its cgroup meanwhile
+        killed: set[int] = set()
+        for first in (True, False):  # the subtree again: a program may have forked before its SIGKILL
             try:
                 cgroup.kill(self.services)
             except ActuatorError as exc:
                 errors.append(str(exc))
-            count += self.kill_descendants()
+            if first:
+                killed = self.kill_descendants(depth=2)  # supervisord (or orphans), and supervisord's children
         empty = cgroup.wait_empty(self.services, VERIFY_TIMEOUT)
+        killed |= self.kill_descendants()  # anything left anywhere below us (e.g. moved out of its cgroup)
         for error in errors:
             say(f"error {error}")
-        return count, empty
+        return len(killed), empty
 
     def fire(self, reason: str) -> int:
         started = time.monotonic()
@@ -219,7 +279,7 @@ class Fence:
         self.vip_errors = errors
         left = "" if empty else f"; {len(cgroup.pids(self.services))} PROCESSES SURVIVE in {self.services}"
         failed = "" if not errors else f"; VIP removal failed: {'; '.join(errors)}"
-        say(f"fired {reason}: killed {killed} processes, removed {removed or 'no VIPs'} "
+        say(f"fired {reason}: killed {killed} processes, removed {listed(removed)} "
             f"in {took:.0f}ms{late}{left}{failed}")
         return FIRED_EXIT
 
@@ -298,7 +358,7 @@ def stop_post(state_file: Path) -> int:
     empty = cgroup.wait_empty(services, VERIFY_TIMEOUT)
     removed, errors = netlink.delete_addresses(vips)
     say(f"stop-post: {'no service process left' if empty else 'SERVICE PROCESSES SURVIVE'} in {services}; "
-        f"removed {removed or 'no VIPs'}" + (f"; VIP removal failed: {'; '.join(errors)}" if errors else ""))
+        f"removed {listed(removed)}" + (f"; VIP removal failed: {'; '.join(errors)}" if errors else ""))
     say(revoke_if_clean(state.get("etcd"), lease, empty, errors))
     return 0
 

@@ -113,3 +113,53 @@ def test_no_handoff_unless_the_node_is_verified_clean():
     assert "not handing lease" in revoke_if_clean(etcd, 0xAB, empty=True, vip_errors=["EPERM"])
     assert revoke_if_clean(etcd, 0, empty=True, vip_errors=[]) == "no lease to hand over"
     assert revoke_if_clean(None, 0xAB, empty=True, vip_errors=[]) == "no lease to hand over"
+
+
+@pytest.mark.parametrize("removed, expected", [
+    ([], "no VIPs"),
+    (["198.18.1.1/24 on eth0"], "1 VIP (198.18.1.1/24 on eth0)"),
+    ([f"198.18.1.{i}/24 on eth0" for i in range(1, 5)],
+     "4 VIPs (198.18.1.1/24 on eth0, 198.18.1.2/24 on eth0, 198.18.1.3/24 on eth0, 198.18.1.4/24 on eth0)"),
+    ([f"198.18.1.{i}/24 on eth0" for i in range(1, 85)],
+     "84 VIPs (198.18.1.1/24 on eth0, 198.18.1.2/24 on eth0, 198.18.1.3/24 on eth0, 198.18.1.4/24 on eth0 "
+     "and 80 more)"),
+])
+def test_fence_names_a_few_removed_vips_and_counts_the_rest(removed, expected):
+    """At hundreds of services the fence's one line must stay a line."""
+    from etcdha.fence import listed
+
+    assert listed(removed) == expected
+
+
+def test_descendants_walk_finds_the_same_tree_as_the_stat_scan():
+    """The children-file walk (the fence's fast path) and the /proc/PID/stat scan agree on a real tree,
+    grandchildren and a process that left its parent's session included."""
+    import os
+    import subprocess
+    import sys
+
+    from etcdha.fence import _descendants_from_stat, descendants
+
+    script = ("import subprocess, sys, time\n"
+              "kids = [subprocess.Popen(['sleep', '30']) for _ in range(3)]\n"
+              "kids.append(subprocess.Popen(['setsid', 'sleep', '30']))\n"
+              "print(' '.join(str(k.pid) for k in kids), flush=True)\n"
+              "time.sleep(30)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    grandchildren: set[int] = set()
+    try:
+        grandchildren = {int(p) for p in parent.stdout.readline().split()}
+        assert len(grandchildren) == 4
+        walked = descendants(os.getpid())
+        assert parent.pid in walked and grandchildren <= set(walked)
+        assert sorted(walked) == sorted(_descendants_from_stat(os.getpid(), 64))
+        assert sorted(descendants(os.getpid(), 1)) == sorted(_descendants_from_stat(os.getpid(), 1))
+        assert parent.pid in descendants(os.getpid(), 1) and not grandchildren & set(descendants(os.getpid(), 1))
+    finally:
+        parent.kill()
+        parent.wait(5)
+        for pid in grandchildren:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
