@@ -186,10 +186,11 @@ class Actuator:
         A program still RUNNING by the events beside an empty cgroup has just died (its
         cgroup told us first): supervisord is asked directly, so the restart need not
         wait for the event to come through its loop. Only those programs take the new
-        state: for the others the order above must hold.
+        state: for the others the order above must hold. The count of a RUNNING program's
+        cgroup may be up to a second old (populated-ness is always current).
         """
         programs = self.supervisor.states()
-        counts = self.cgroups.counts()
+        counts = self.cgroups.counts(reuse={name for name, state in programs.items() if state == "RUNNING"})
         died = [s for s in self.config.services if programs.get(s) == "RUNNING" and counts.get(s) == 0]
         if died:
             fresh = self.supervisor.states_of(died)

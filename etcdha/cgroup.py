@@ -24,12 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Optional, Sequence
 
 from etcdha.errors import ActuatorError, ConfigError
 
 SERVICES = "services"
 AGENT = "agent"
+COUNT_MAX_AGE = 1.0  # seconds a running service's process count may be reused (see NodeCgroups.counts)
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # systemd marks Delegate=yes cgroups with one
 
 
@@ -275,6 +276,7 @@ class NodeCgroups:
         self.names = tuple(services)
         self._lock_fd: Optional[int] = None
         self._events: Optional[EventsWatcher] = None
+        self._counted: dict[str, tuple[int, float]] = {}  # service -> (processes, monotonic time read)
 
     def group(self, service: str) -> Path:
         return self.services_dir / service
@@ -321,7 +323,7 @@ class NodeCgroups:
             raise
         self._lock_fd = fd
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, reuse: Collection[str] = frozenset()) -> dict[str, int]:
         """service -> number of processes in its cgroup (0 for an empty or missing one).
 
         Every cycle: a cgroup the events watcher last saw empty counts 0 without a read (it
@@ -329,15 +331,26 @@ class NodeCgroups:
         the subtree walked only if the service made cgroups of its own). So a count above
         zero is never older than the program states read before it (decide's daemonized
         rule), and 500 services cost a read per running one, not two reads each.
+
+        `reuse`: services whose count may be one read in the last COUNT_MAX_AGE seconds, while
+        the watcher still says populated (the agent passes those supervisord shows RUNNING:
+        for them decide needs only "populated", the number is for status). A takeover of
+        hundreds runs many cycles in a second; each re-read every running cgroup.
         """
         found = {}
         events = self._events
         known = events.populated if events is not None and events.is_alive() else {}
+        now = time.monotonic()
         for name in self.names:
             group = self.group(name)
             seen = known.get(group)
             if seen is False or (seen is None and not populated(group)):
                 found[name] = 0
+                self._counted.pop(name, None)
+                continue
+            cached = self._counted.get(name)
+            if seen and name in reuse and cached is not None and now - cached[1] < COUNT_MAX_AGE:
+                found[name] = cached[0]
                 continue
             try:
                 with open(group / "cgroup.procs") as f:
@@ -346,6 +359,7 @@ class NodeCgroups:
                 found[name] = 0
             if found[name] == 0:  # populated, but not directly: nested cgroups of the service's own
                 found[name] = len(pids(group))
+            self._counted[name] = (found[name], now)
         return found
 
     def watch(self, on_change: Callable[[], None]) -> "EventsWatcher":

@@ -172,3 +172,45 @@ def test_counts_follow_the_events_watcher_and_read_only_populated_cgroups(cgroup
         node.empty_all(5.0)
         node.release()
     assert node.counts()["s3"] == 0  # the watcher gone: read from the files again
+
+
+def test_running_counts_are_reused_for_a_while_but_never_when_empty(cgroup_root, monkeypatch):
+    """A count passed as reusable comes from the last read for up to COUNT_MAX_AGE while the watcher
+    says populated; one not passed, or an emptied cgroup, is read (or known 0) at once."""
+    names = ["s1", "s2"]
+    node = NodeCgroups(Placement(cgroup_root), names)
+    node.setup()
+    watcher = node.watch(lambda: None)
+    procs = []
+    try:
+        deadline = time.monotonic() + 5
+        while len(watcher.populated) < len(names):
+            assert time.monotonic() < deadline, "the events watcher did not arm"
+            time.sleep(0.01)
+        procs += [start_in(node.group("s1"), "exec sleep 300"), start_in(node.group("s2"), "exec sleep 300")]
+        wait_count(node.group("s1"), 1)
+        wait_count(node.group("s2"), 1)
+        monkeypatch.setattr(cgroup, "COUNT_MAX_AGE", 3600.0)
+        assert node.counts() == {"s1": 1, "s2": 1}
+        procs += [start_in(node.group("s1"), "exec sleep 300"), start_in(node.group("s2"), "exec sleep 300")]
+        wait_count(node.group("s1"), 2)
+        wait_count(node.group("s2"), 2)
+        assert node.counts(reuse={"s1"}) == {"s1": 1, "s2": 2}, "s1 reused within its age, s2 read"
+        monkeypatch.setattr(cgroup, "COUNT_MAX_AGE", 0.0)
+        assert node.counts(reuse={"s1"}) == {"s1": 2, "s2": 2}, "too old: read again"
+        monkeypatch.setattr(cgroup, "COUNT_MAX_AGE", 3600.0)
+        cgroup.kill(node.group("s1"))
+        deadline = time.monotonic() + 5
+        while watcher.populated.get(node.group("s1")) is not False:
+            assert time.monotonic() < deadline, "the watcher never saw s1 empty"
+            time.sleep(0.01)
+        assert node.counts(reuse={"s1"})["s1"] == 0, "an emptied cgroup must never keep its old count"
+    finally:
+        watcher.stop()
+        watcher.join(5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(5)
+        node.empty_all(5.0)
+        node.release()
