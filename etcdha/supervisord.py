@@ -509,8 +509,12 @@ class Supervisor:
             chunk = [service.name for service, _, _ in items[first:first + START_CHUNK]]
             events_before = self.feed.events if self.feed else 0
             try:
-                results = self._multicall([{"methodName": "supervisor.startProcess", "params": [name, False]}
-                                           for name in chunk])
+                # each start followed by a read of its state: with startsecs 0 supervisord has made it
+                # RUNNING already, and its event would reach us only after every spawn of the takeover
+                replies = self._multicall([{"methodName": method, "params": params} for name in chunk
+                                           for method, params in (("supervisor.startProcess", [name, False]),
+                                                                  ("supervisor.getProcessInfo", [name]))])
+                results, infos = replies[0::2], replies[1::2]
             except ActuatorError as exc:
                 try:
                     states = self.states()
@@ -519,11 +523,13 @@ class Supervisor:
                     break
                 failed.update({name: exc for name in chunk if states.get(name) not in ("STARTING", "RUNNING")})
                 continue
-            for name, result in zip(chunk, results):
+            for name, result, info in zip(chunk, results, infos):
                 if isinstance(result, dict) and "faultCode" in result and result["faultCode"] not in SUCCESS_FAULTS:
                     failed[name] = ActuatorError(f"supervisord startProcess({name!r}): {result.get('faultString')}")
                 elif self.feed is not None:
-                    self.feed.note(name, "STARTING", events_before)  # spawned: at least STARTING by now
+                    state = info.get("statename") if isinstance(info, dict) else None
+                    # as read right after the spawn (RUNNING already with startsecs 0); STARTING if unreadable
+                    self.feed.note(name, state if isinstance(state, str) and state else "STARTING", events_before)
         return failed
 
     def _multicall(self, calls: list[dict]) -> list:

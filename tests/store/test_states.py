@@ -204,3 +204,25 @@ def test_running_is_known_while_the_events_are_held_up_and_events_rule_again_aft
     assert sup.states()["slow1"] == "RUNNING"
     kill_pid(sup.processes()["slow1"]["pid"])
     wait_for(lambda: sup.states()["slow1"] == "EXITED", 5, interval=0.02, what="slow1 EXITED from its event")
+
+
+def test_a_startsecs_0_program_is_running_as_soon_as_its_start_returns(sup):
+    """supervisord makes a startsecs-0 program RUNNING inside startProcess; the state read in the same
+    round trip says so, so the agent publishes RUNNING without waiting for an event (here none can
+    come: the listener is frozen) or a direct read a moment later."""
+    listener = sup.processes()[LISTENER_NAME]["pid"]
+    reads = sup.full_reads
+    os.kill(listener, signal.SIGSTOP)
+    try:
+        sup._next_refresh = _now() + 3600  # no direct read of due programs either: the start's own answer only
+        failed = sup.start_many([(SERVICES[n], 7, sup.cgroups.group(n)) for n in ("b", "c", "slow2")], sup.pid)
+        assert failed == {}
+        states = sup.states()
+        assert (states["b"], states["c"]) == ("RUNNING", "RUNNING"), states
+        assert states["slow2"] == "STARTING", "startsecs 1: RUNNING only after a second"
+        assert sup.full_reads == reads, "known from the start's own answer, not from a full read"
+    finally:
+        sup._next_refresh = 0.0
+        os.kill(listener, signal.SIGCONT)
+    wait_for(lambda: not sup.feed._awaiting, 5, interval=0.05, what="the held-up events to come")
+    assert sup.states()["b"] == "RUNNING"
