@@ -28,7 +28,10 @@ log = logging.getLogger("etcdha.agent")  # its lines are the agent's, as before 
 # claims (or handoffs) in flight at once: a cold start or a takeover of hundreds of services waits for
 # one etcd round trip per CLAIM_WORKERS claims instead of one per claim; a drain stops as many at once
 CLAIM_WORKERS = 8
-# claimed services start in batches of this many while the other claims are still running
+# claimed services start in batches of this many while the other claims are still running; the first
+# batch is one round of claims: supervisord spawns one program at a time, and every program of a
+# takeover waits for the first spawn, so it starts as soon as there is something to start
+FIRST_BATCH = CLAIM_WORKERS
 START_BATCH = 32
 
 
@@ -86,19 +89,23 @@ class Executor:
 
         A drain hands over dozens of services and a takeover claims hundreds: one after
         another they waited for each other's stop or etcd round trip. While the workers
-        claim, what is already claimed starts here (START_BATCH at a time, each batch
-        checked against etcd by start_all): a takeover of hundreds no longer waits for
-        its last claim before its first program starts.
+        claim, what is already claimed starts here (FIRST_BATCH, then START_BATCH or more at
+        a time, each batch checked against etcd by start_all): a takeover of hundreds no
+        longer waits for its last claim before its first program starts.
         """
         lease = self.lease.id
         self.hands.probe_ahead([self.config.services[a.service] for a in actions if a.kind is Kind.CLAIM])
+        # services without a VIP first: the first batch then starts without waiting for the probe's window
+        actions = sorted(actions, key=lambda a: self.config.services[a.service].vip is not None)
         futures = [self.workers.submit(self.attempt, a, lease) for a in actions]
         pending = set(futures)
         failed = fenced = False
+        batch_size = FIRST_BATCH
         while pending:
             done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
             failed = failed or any(not f.cancelled() and f.result() is not None for f in done)
-            if not (failed or fenced) and len(self.claimed) >= START_BATCH:
+            if not (failed or fenced) and len(self.claimed) >= batch_size:
+                batch_size = START_BATCH
                 with self.claimed_lock:  # workers append meanwhile
                     batch, self.claimed = self.claimed, []
                 if not self.start_all([Action(Kind.START, svc, Reason.OWNER, token=token) for svc, token in batch]):
