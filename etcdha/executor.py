@@ -95,8 +95,6 @@ class Executor:
         """
         lease = self.lease.id
         self.hands.probe_ahead([self.config.services[a.service] for a in actions if a.kind is Kind.CLAIM])
-        # services without a VIP first: the first batch then starts without waiting for the probe's window
-        actions = sorted(actions, key=lambda a: self.config.services[a.service].vip is not None)
         futures = [self.workers.submit(self.attempt, a, lease) for a in actions]
         pending = set(futures)
         failed = fenced = False
