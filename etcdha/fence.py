@@ -139,6 +139,9 @@ def _descendants_from_stat(root: int, depth: int) -> list[int]:
     return found
 
 
+LOG_FORMAT = "text"  # of our stderr lines: text, journal (`<N>` priorities) or json, as the agent's (--log-format)
+
+
 def listed(removed: Sequence[str], most: int = 4) -> str:
     """The VIPs a fence removed, for its one log line: at most `most` named, then how many more."""
     if not removed:

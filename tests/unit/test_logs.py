@@ -64,3 +64,14 @@ def test_fence_lines_carry_the_same_priorities(message, prio):
     doc = json.loads(fence.log_line(message, "json", 7, 1700000000.5))
     assert doc["priority"] == prio and doc["message"] == message and doc["time"] == "2023-11-14T22:13:20.500Z"
     assert fence.log_line(message, "text", 7, 0.0) == f"etcdha-fence[7]: {message}"
+
+
+def test_fence_says_in_text_by_default(capsys):
+    """Imported (stop-post, the agent's own use), not run as the fence: its lines are text until told."""
+    import importlib
+
+    fresh = importlib.reload(fence)
+    fresh.say("fired asked by the agent: killed 3 processes, removed no VIPs in 5ms")
+    out, err = capsys.readouterr()
+    assert out == "fired asked by the agent: killed 3 processes, removed no VIPs in 5ms\n"
+    assert err.startswith("etcdha-fence[") and err.rstrip().endswith("removed no VIPs in 5ms")
