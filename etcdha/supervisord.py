@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import xmlrpc.client
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -486,7 +487,8 @@ class Supervisor:
             raise failed[service.name]
 
     def start_many(self, items: list[tuple[Service, int, Path]], parent: int) -> dict[str, ActuatorError]:
-        """Start several programs, START_CHUNK per XML-RPC round trip (system.multicall); returns the failures.
+        """Start several programs, START_CHUNK per XML-RPC round trip (system.multicall), two round
+        trips in flight; returns the failures.
 
         A chunk that times out may still have started its programs: we ask supervisord
         for their states, and only those it does not show starting or running fail.
@@ -505,24 +507,34 @@ class Supervisor:
                 f.write(text)
             os.replace(tmp, spec)
         items = [item for item in items if item[0].name not in failed]
-        for first in range(0, len(items), START_CHUNK):
-            chunk = [service.name for service, _, _ in items[first:first + START_CHUNK]]
-            events_before = self.feed.events if self.feed else 0
+        names = [service.name for service, _, _ in items]
+        chunks = [names[i:i + START_CHUNK] for i in range(0, len(names), START_CHUNK)]
+        events_before = self.feed.events if self.feed else 0
+
+        def attempt(chunk: list[str]):
             try:
-                # each start followed by a read of its state: with startsecs 0 supervisord has made it
-                # RUNNING already, and its event would reach us only after every spawn of the takeover
-                replies = self._multicall([{"methodName": method, "params": params} for name in chunk
-                                           for method, params in (("supervisor.startProcess", [name, False]),
-                                                                  ("supervisor.getProcessInfo", [name]))])
-                results, infos = replies[0::2], replies[1::2]
+                return self._start_chunk(chunk)
             except ActuatorError as exc:
-                try:
-                    states = self.states()
-                except ActuatorError:
-                    failed.update({service.name: exc for service, _, _ in items[first:]})
-                    break
-                failed.update({name: exc for name in chunk if states.get(name) not in ("STARTING", "RUNNING")})
+                return exc
+
+        if len(chunks) > 1:
+            # two chunks in flight: supervisord reads the next request while it spawns the current
+            # one's programs, instead of idling through our round trip between chunks
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="etcdha-spawn") as pool:
+                outcomes = list(pool.map(attempt, chunks))
+        else:
+            outcomes = [attempt(chunk) for chunk in chunks]
+        states: Optional[Mapping[str, str]] = None
+        for chunk, outcome in zip(chunks, outcomes):
+            if isinstance(outcome, ActuatorError):
+                if states is None:  # it may have started them all the same: what does supervisord say?
+                    try:
+                        states = self.states()
+                    except ActuatorError:
+                        states = {}
+                failed.update({name: outcome for name in chunk if states.get(name) not in ("STARTING", "RUNNING")})
                 continue
+            results, infos = outcome
             for name, result, info in zip(chunk, results, infos):
                 if isinstance(result, dict) and "faultCode" in result and result["faultCode"] not in SUCCESS_FAULTS:
                     failed[name] = ActuatorError(f"supervisord startProcess({name!r}): {result.get('faultString')}")
@@ -531,6 +543,14 @@ class Supervisor:
                     # as read right after the spawn (RUNNING already with startsecs 0); STARTING if unreadable
                     self.feed.note(name, state if isinstance(state, str) and state else "STARTING", events_before)
         return failed
+
+    def _start_chunk(self, names: list[str]) -> tuple[list, list]:
+        """One round trip: each start followed by a read of its state (with startsecs 0 supervisord has
+        made it RUNNING already, and its event would reach us only after every spawn of the takeover)."""
+        replies = self._multicall([{"methodName": method, "params": params} for name in names
+                                   for method, params in (("supervisor.startProcess", [name, False]),
+                                                          ("supervisor.getProcessInfo", [name]))])
+        return replies[0::2], replies[1::2]
 
     def _multicall(self, calls: list[dict]) -> list:
         if not calls:
