@@ -21,6 +21,18 @@ def start_in(group: Path, script: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def stop_watching(node: NodeCgroups, watcher: cgroup.EventsWatcher, procs: list[subprocess.Popen]) -> None:
+    """Teardown of the events-watcher tests: the watcher, every process started, the subtree."""
+    watcher.stop()
+    watcher.join(5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+    node.empty_all(5.0)
+    node.release()
+
+
 def wait_count(group: Path, n: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while len(cgroup.pids(group)) < n:
@@ -164,13 +176,7 @@ def test_counts_follow_the_events_watcher_and_read_only_populated_cgroups(cgroup
             time.sleep(0.01)
         assert procs[0].wait(5) == -signal.SIGKILL
     finally:
-        watcher.stop()
-        watcher.join(5)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        node.empty_all(5.0)
-        node.release()
+        stop_watching(node, watcher, procs)
     assert node.counts()["s3"] == 0  # the watcher gone: read from the files again
 
 
@@ -206,11 +212,4 @@ def test_running_counts_are_reused_for_a_while_but_never_when_empty(cgroup_root,
             time.sleep(0.01)
         assert node.counts(reuse={"s1"})["s1"] == 0, "an emptied cgroup must never keep its old count"
     finally:
-        watcher.stop()
-        watcher.join(5)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(5)
-        node.empty_all(5.0)
-        node.release()
+        stop_watching(node, watcher, procs)
