@@ -86,6 +86,9 @@ class Actuator:
         self.supervisord_pid = 0
         self.announcing: dict[str, threading.Event] = {}  # service -> cancels its gratuitous ARP rounds
         self.ahead: Optional[AheadProbe] = None
+        # (service, interface, address) of every VIP, made once: vips_up runs every cycle
+        self._vips = tuple((s.name, s.interface, str(s.vip.ip)) for s in config.services.values() if s.vip is not None)
+        self._with_v6 = any(s.vip is not None and s.vip.version == 6 for s in config.services.values())
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -206,7 +209,7 @@ class Actuator:
         """Services whose VIP is on its interface: one stdlib netlink dump per cycle."""
         try:
             by_index = netlink.addresses()
-            if any(s.vip is not None and s.vip.version == 6 for s in self.config.services.values()):
+            if self._with_v6:
                 for index, ips in netlink.addresses(socket.AF_INET6).items():
                     by_index.setdefault(index, set()).update(ips)
         except OSError as exc:
@@ -214,17 +217,15 @@ class Actuator:
             return frozenset()
         up = set()
         indexes: dict[str, Optional[int]] = {}  # one lookup per interface, not per service
-        for s in self.config.services.values():
-            if s.vip is None:
-                continue
-            if s.interface not in indexes:
+        for name, interface, ip in self._vips:
+            if interface not in indexes:
                 try:
-                    indexes[s.interface] = socket.if_nametoindex(s.interface)
+                    indexes[interface] = socket.if_nametoindex(interface)
                 except OSError:
-                    indexes[s.interface] = None  # no such interface: its VIPs are not up
-            index = indexes[s.interface]
-            if index is not None and str(s.vip.ip) in by_index.get(index, ()):
-                up.add(s.name)
+                    indexes[interface] = None  # no such interface: its VIPs are not up
+            index = indexes[interface]
+            if index is not None and ip in by_index.get(index, ()):
+                up.add(name)
         return frozenset(up)
 
     # ---- verbs -----------------------------------------------------------------------------------

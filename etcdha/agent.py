@@ -94,6 +94,7 @@ class Agent:
         self.vacant_since: dict[str, float] = {}
         self.candidate_since: dict[tuple[str, str], float] = {}
         self.seen_owned: set[str] = set()  # services seen with an owner since this agent started
+        self._tracked: Optional[model.ClusterView] = None  # the view the three above were last updated from
         self.published: Optional[dict] = None
         self.local = Local({}, {}, frozenset())
         self.abandoned: set[int] = set()  # our own earlier leases, given up after everything here was killed
@@ -340,9 +341,11 @@ class Agent:
         state = self.lease.poll()
         now = self.clock()
         if view is not None:
-            self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
-            self.candidate_since = decide.track_candidates(self.candidate_since, view, now)
-            self.seen_owned |= set(view.owners)
+            if view is not self._tracked:  # the informer hands out the same view until something changes
+                self.vacant_since = decide.track_vacancy(self.vacant_since, view, self.priorities(), now)
+                self.candidate_since = decide.track_candidates(self.candidate_since, view, now)
+                self.seen_owned |= set(view.owners)
+                self._tracked = view
             self.owned = {svc: o.token for svc, o in view.owners.items()
                           if svc in self.config.services and o.node == self.config.node and o.lease == self.lease.id}
             # probe what we own and supervisord says is RUNNING, counted from our own start of it

@@ -696,11 +696,8 @@ class Informer(Watcher):
 
     def __init__(self, store: Store, wake: Callable[[], None]):
         super().__init__(store, wake)
-        self._kvs: dict[str, model.KV] = {}
+        self._builder = model.ViewBuilder(store.prefix)  # our copy: keys noted by the watch, decoded by view()
         self._view: Optional[model.ClusterView] = None
-        self._changes = 0  # bumped with every change to _kvs: a view built from an older copy is not kept
-        self._memo: dict = {}  # decoded values by (key, mod_revision): a rebuild decodes only what changed
-        self._memo_lock = threading.Lock()
         self._lock = threading.Condition()
         self.synced = threading.Event()  # set once a listing is loaded
         self.lists = 0
@@ -708,10 +705,9 @@ class Informer(Watcher):
     def _start_over(self) -> None:
         revision, kvs = self.store.listing()
         with self._lock:
-            self._kvs = {kv.key: kv for kv in kvs}
+            self._builder.reset(kvs)
             self.revision = revision
             self._view = None
-            self._changes += 1
             self._lock.notify_all()
         self.lists += 1
         self.synced.set()
@@ -724,13 +720,12 @@ class Informer(Watcher):
                 if key.startswith(history):
                     continue
                 if ev.type == kv_pb2.Event.DELETE:
-                    self._kvs.pop(key, None)
+                    self._builder.delete(key)
                 else:
-                    self._kvs[key] = self.store._kvs([ev.kv])[0]
+                    self._builder.put(self.store._kvs([ev.kv])[0])
             # with the keys, under the same lock: a view never claims a revision older than its content
             self.revision = max(self.revision, max(ev.kv.mod_revision for ev in events))
             self._view = None
-            self._changes += 1
             self._lock.notify_all()
 
     def caught_up(self, revision: int, timeout: float) -> bool:
@@ -745,13 +740,6 @@ class Informer(Watcher):
         if time.monotonic() - self.last_heard > stale_after:
             return None
         with self._lock:
-            if self._view is not None:  # rebuilt only after a change: an idle cycle costs nothing here
-                return self._view
-            revision, kvs, changes = self.revision, list(self._kvs.values()), self._changes
-        # built outside the lock: events keep being applied meanwhile instead of queueing behind us
-        with self._memo_lock:  # one rebuild at a time: they share the memo of decoded keys
-            view = model.build_view(self.store.prefix, revision, kvs, self._memo)
-        with self._lock:
-            if self._changes == changes:
-                self._view = view
-        return view
+            if self._view is None:  # rebuilt only after a change, from the keys that changed: an idle cycle
+                self._view = self._builder.view(self.revision)  # costs nothing here, a busy one little
+            return self._view

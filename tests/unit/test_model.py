@@ -226,18 +226,64 @@ def test_service_value_garbage_keeps_the_service_without_vip():
     assert len(v.problems) == 1 and v.problems[0].startswith("/etcdha/services/db: ")
 
 
-def test_a_memo_of_decoded_keys_gives_the_same_view_and_follows_changes():
-    memo: dict = {}
-    kvs = healthy_kvs() + [kv("/owners/db", b"\xff garbage", lease=7, create=40)]
-    first = build_view(P, 50, kvs, memo)
-    assert first == build_view(P, 50, kvs)
-    assert len(memo) == len(kvs)
-    again = build_view(P, 50, kvs, memo)
-    assert again == first and again.problems == first.problems  # garbage is still reported from the memo
-    assert again.nodes["a"] is first.nodes["a"]  # not decoded again
-    changed = [k for k in kvs if not k.key.endswith("/nodes/a")]
-    changed.append(kv("/nodes/a", {"services": {"web": "STOPPED"}}, lease=0xA, create=3, mod=60))
-    later = build_view(P, 60, changed, memo)
-    assert later == build_view(P, 60, changed) and later.nodes["a"].services == {"web": "STOPPED"}
-    build_view(P, 61, changed[:1], memo)
-    assert set(memo) == {(changed[0].key, changed[0].mod_revision)}  # keys gone from the listing leave it
+def _garbage_and_valid(i: int) -> list[KV]:
+    """Keys of every kind, some valid, some garbage, some misshapen or outside the prefix."""
+    return [
+        kv("/candidates/web/a", model.encode_candidate(200 - i, "198.18.0.100/24"), lease=0xA, mod=i + 1),
+        kv("/candidates/web/b", b"{not json", lease=0xB, mod=i + 1),
+        kv("/candidates/db/c", model.encode_candidate(i), lease=0xC, mod=i + 1),
+        kv("/members/a", b"{}"), kv("/members/x", b"{}"),
+        kv("/nodes/a", model.encode_node("a", 0xA, 1, 0, {"web": "RUNNING" if i % 2 else "STOPPED"}), lease=0xA,
+           mod=i + 1),
+        kv("/nodes/c", b'{"pid": "x", "services": [1]}', lease=0xC, mod=i + 1),
+        kv("/owners/web", model.encode_owner("a", 0xA, 1.0), lease=0xA, create=40 + i, mod=40 + i),
+        kv("/owners/db", b"\xff garbage", lease=7, create=40),
+        kv("/services/web", model.encode_service("198.18.0.100/24")), kv("/services/db", b"nope"),
+        kv("/drain/c", b"{}"), kv("/pause/db", b"{}"),
+        kv("/moves/web", model.encode_move("a", "b", 41, 1700000000.25), lease=0x5E),
+        kv("/cooldowns/web/b", b"[]"),
+        kv("/owners/web/extra", b"{}"), KV(key="/elsewhere/owners/web", value=b"{}", create_revision=1,
+                                            mod_revision=1, lease=0),
+    ]
+
+
+def test_a_view_kept_key_by_key_equals_one_decoded_from_the_whole_listing():
+    import random
+    rng = random.Random(7)
+    builder = model.ViewBuilder(P)
+    current: dict[str, KV] = {}
+    builder.reset([])
+    for step in range(300):
+        pool = _garbage_and_valid(step)
+        for _ in range(rng.randint(1, 6)):
+            if current and rng.random() < 0.35:
+                key = rng.choice(sorted(current))
+                del current[key]
+                builder.delete(key)
+            else:
+                chosen = rng.choice(pool)
+                current[chosen.key] = chosen
+                builder.put(chosen)
+        if step % 50 == 49:  # a re-list after a compaction starts over from the same keys
+            builder.reset(list(current.values()))
+        kept = builder.view(step)
+        fresh = build_view(P, step, sorted(current.values(), key=lambda k: k.key))
+        assert kept == fresh, f"step {step}"
+        assert kept.problems == fresh.problems
+
+
+def test_a_view_handed_out_does_not_change_with_later_keys():
+    builder = model.ViewBuilder(P)
+    builder.reset(healthy_kvs())
+    before = builder.view(50)
+    builder.delete(P + "/candidates/web/b")
+    builder.put(kv("/nodes/a", {"services": {"web": "STOPPED"}}, lease=0xA, create=3, mod=60))
+    builder.put(kv("/owners/db", b"\xff garbage", lease=7, create=61))
+    after = builder.view(61)
+    assert before == build_view(P, 50, healthy_kvs()) and before.problems == ()
+    assert [c.node for c in before.live_candidates("web")] == ["a", "b"]
+    assert [c.node for c in after.live_candidates("web")] == ["a"]
+    assert after.nodes["a"].services == {"web": "STOPPED"} and before.nodes["a"].services == {"web": "RUNNING"}
+    assert len(after.problems) == 1 and after.problems[0].startswith("/etcdha/owners/db")
+    builder.delete(P + "/owners/db")
+    assert builder.view(62).problems == ()  # a garbage key's problem goes with the key
