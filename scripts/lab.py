@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import yaml
 
@@ -880,6 +880,48 @@ def crash_node(node: Node) -> None:
                        input="".join(f"addr del {c} dev eth0\n" for c in extra), capture_output=True, text=True)
 
 
+_MARKERS = (b"--name=", (SCALE_MARKER + "=").encode())
+
+
+def marked_services(data: bytes) -> list[str]:
+    """Services named in a NUL-separated cmdline or environ: every word starting with `--name=` or
+    LAB_SERVICE=. A substring search, not a split into words: one sample reads a thousand of these."""
+    found = []
+    for marker in _MARKERS:
+        at = -1
+        while True:
+            at = data.find(marker, at + 1)
+            if at < 0:
+                break
+            if at == 0 or data[at - 1] == 0:  # the start of a word
+                end = data.find(b"\0", at)
+                found.append(data[at + len(marker):end if end >= 0 else len(data)].decode(errors="replace"))
+    return found
+
+
+def _read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _subdirs(top: Union[str, Path], depth: int) -> list[str]:
+    """Directories exactly `depth` levels below `top` (none if it is missing)."""
+    level = [str(top)]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            with contextlib.suppress(OSError), os.scandir(d) as it:
+                below += [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        level = below
+    return level
+
+
 class ScaleSampler(Sampler):
     """The Sampler's invariant for hundreds of services at a bounded cost.
 
@@ -908,7 +950,6 @@ class ScaleSampler(Sampler):
         nodes = self.lab.node_names
         local = {n: local_addresses(self.lab, n) for n in nodes}
         running: set[tuple[str, str]] = set()  # (service, node)
-        markers = (b"--name=", (SCALE_MARKER + "=").encode())
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -917,17 +958,15 @@ class ScaleSampler(Sampler):
                 if node is None:
                     continue
                 for source in ("cmdline", "environ"):
-                    with open(f"/proc/{entry}/{source}", "rb") as f:
-                        for word in f.read().split(b"\0"):
-                            for marker in markers:
-                                if word.startswith(marker):
-                                    running.add((word[len(marker):].decode(errors="replace"), node))
+                    for name in marked_services(_read_bytes(f"/proc/{entry}/{source}")):
+                        running.add((name, node))
             except OSError:
                 continue
-        for procs in self.lab.cgroups.glob("*/*/services/*/cgroup.procs"):
-            with contextlib.suppress(OSError):
-                if procs.read_text().strip():
-                    running.add((procs.parent.name, procs.parent.parent.parent.name))
+        for node_dir in _subdirs(self.lab.cgroups, 2):  # PREFIX/NODE, as Node.cgroup lays them out
+            for group in _subdirs(os.path.join(node_dir, "services"), 1):
+                with contextlib.suppress(OSError):
+                    if _read_bytes(os.path.join(group, "cgroup.procs")).strip():
+                        running.add((os.path.basename(group), os.path.basename(node_dir)))
         return {svc: {n: (bool(vip) and vip in local[n], (svc, n) in running) for n in nodes}
                 for svc, vip in self.services.items()}
 

@@ -110,6 +110,17 @@ def sampled_where(sampler: L.ScaleSampler, doc: dict) -> list[str]:
     return wrong
 
 
+def test_the_sampler_reads_service_markers_as_whole_words():
+    """ScaleSampler's marker search (a substring search over each process's cmdline and environ):
+    only a word that starts with the marker names a service, wherever it is in the block."""
+    assert L.marked_services(b"python3\0sample_service.py\0--name=web\0--port\08080\0") == ["web"]
+    assert L.marked_services(b"HOME=/\0LAB_SERVICE=s0042\0PATH=/bin") == ["s0042"]
+    assert L.marked_services(b"LAB_SERVICE=s0001") == ["s0001"]  # first word, no trailing NUL
+    assert L.marked_services(b"X=LAB_SERVICE=no\0echo --name=no\0") == []  # inside a word: not a marker
+    assert sorted(L.marked_services(b"--name=a\0LAB_SERVICE=b\0--name=c\0")) == ["a", "b", "c"]
+    assert L.marked_services(b"") == []
+
+
 def clean_logs(cluster: L.Cluster, nodes: list[str]) -> list[str]:
     """Fence firings and tracebacks in the agents' logs of `nodes`."""
     found = []
