@@ -257,10 +257,11 @@ def health_lab(scenarios: list[str], trials: int, ttl: int) -> HealthResult:
 # ---- scale mode: `--services N[,N...]` ---------------------------------------------------------
 
 # the scale sampler's share of one core: its pauses stretch so that sampling uses at most this. At
-# N = 500 a sample costs ~30 ms (80 ms before its /proc scan stopped splitting every environment into
-# words), so 0.15 keeps the period of the earlier runs (~0.2 s) while the sampler takes 0.15 of a core
-# instead of 0.25 from the takeovers it watches; at N = 10 and 100 the 20 ms floor sets the period
-SAMPLER_DUTY = 0.15
+# N = 500 a sample costs 15-25 ms (55-100 ms when it read every service process's environment and
+# split it into words), so 0.1 keeps the period of the earlier published runs (~0.2 s) while the
+# sampler takes a tenth of a core instead of a quarter from the takeovers it watches; at N = 10 and
+# 100 the 20 ms floor sets the period
+SAMPLER_DUTY = 0.1
 LINE_EVERY = 0.02      # the watch feed's shortest pause between lines (changes in between make one line)
 HEARTBEAT = 0.5       # ... and a line at least this often, changed or not
 SETTLE_QUIET = 2.0    # "quiet": every service RUNNING on a live owner and no change seen for this long

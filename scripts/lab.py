@@ -926,11 +926,14 @@ class ScaleSampler(Sampler):
     """The Sampler's invariant for hundreds of services at a bounded cost.
 
     Same checks as Sampler - per service, its VIP on at most one node, and its processes (found
-    by the `--name=SERVICE` marker on the command line or LAB_SERVICE=SERVICE in the environment,
-    in any process of a node namespace, or by membership of the service's cgroup on that node)
-    on at most one node - but one sample is one /proc scan, one fib_trie read per node and one
-    cgroup.procs read per service cgroup, whatever the number of services (Sampler scans /proc
-    once per service). The pause between samples adapts so that sampling takes at most `duty`
+    by membership of the service's cgroup on a node, or by the `--name=SERVICE` marker on the
+    command line or LAB_SERVICE=SERVICE in the environment of any other process of a node
+    namespace: one that escaped or was never contained) on at most one node - but one sample is
+    one cgroup.procs read per service cgroup, one /proc scan and one fib_trie read per node,
+    whatever the number of services (Sampler scans /proc once per service). A process in a
+    service's cgroup counts for that service and its markers are not read: reading another
+    process's environ takes its memory map's lock, which the fork and exec of hundreds of starts
+    also take, and it was most of a sample's cost. The pause between samples adapts so that sampling takes at most `duty`
     of one core (never less than `interval`); `periods` records it. Violations are counted in
     full, the first `keep` kept as text.
     """
@@ -950,8 +953,16 @@ class ScaleSampler(Sampler):
         nodes = self.lab.node_names
         local = {n: local_addresses(self.lab, n) for n in nodes}
         running: set[tuple[str, str]] = set()  # (service, node)
+        contained: set[bytes] = set()  # pids in a service's cgroup: that membership already places them
+        for node_dir in _subdirs(self.lab.cgroups, 2):  # PREFIX/NODE, as Node.cgroup lays them out
+            for group in _subdirs(os.path.join(node_dir, "services"), 1):
+                with contextlib.suppress(OSError):
+                    pids = _read_bytes(os.path.join(group, "cgroup.procs")).split()
+                    if pids:
+                        running.add((os.path.basename(group), os.path.basename(node_dir)))
+                        contained.update(pids)
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+            if not entry.isdigit() or entry.encode() in contained:
                 continue
             try:
                 node = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
@@ -962,11 +973,6 @@ class ScaleSampler(Sampler):
                         running.add((name, node))
             except OSError:
                 continue
-        for node_dir in _subdirs(self.lab.cgroups, 2):  # PREFIX/NODE, as Node.cgroup lays them out
-            for group in _subdirs(os.path.join(node_dir, "services"), 1):
-                with contextlib.suppress(OSError):
-                    if _read_bytes(os.path.join(group, "cgroup.procs")).strip():
-                        running.add((os.path.basename(group), os.path.basename(node_dir)))
         return {svc: {n: (bool(vip) and vip in local[n], (svc, n) in running) for n in nodes}
                 for svc, vip in self.services.items()}
 

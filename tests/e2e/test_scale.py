@@ -121,6 +121,31 @@ def test_the_sampler_reads_service_markers_as_whole_words():
     assert L.marked_services(b"") == []
 
 
+def test_the_sampler_counts_a_copy_outside_every_cgroup_and_one_inside_a_cgroup(lab):
+    """The sampler's own check can fail: a marked process loose in n2's namespace and an unmarked
+    one in the service's cgroup on n1 are two copies; each alone is one."""
+    group = lab.cgroups / "sampler_test" / "n1" / "services" / "s0001"
+    group.mkdir(parents=True)
+    procs: list[subprocess.Popen] = []
+    sampler = L.ScaleSampler(lab, services={"s0001": None, "s0002": None})
+    try:
+        procs.append(lab.popen("n2", ["env", f"{L.SCALE_MARKER}=s0001", "sleep", "60"]))
+        procs.append(lab.popen("n1", ["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec sleep 60"]))
+        wait_until(lambda: sampler.sample_all()["s0001"] == {"n1": (False, True), "n2": (False, True),
+                                                             "n3": (False, False)},
+                   10, "the sampler to see s0001 on n1 (cgroup) and n2 (marker)")
+        assert not any(p for _, p in sampler.sample_all()["s0002"].values())
+        procs.pop(0).kill()
+        wait_until(lambda: sampler.sample_all()["s0001"]["n2"] == (False, False), 10, "the loose copy to be gone")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "the cgroup to empty")
+        for d in (group, group.parent, group.parent.parent, group.parent.parent.parent):
+            d.rmdir()
+
+
 def clean_logs(cluster: L.Cluster, nodes: list[str]) -> list[str]:
     """Fence firings and tracebacks in the agents' logs of `nodes`."""
     found = []
