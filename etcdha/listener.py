@@ -1,11 +1,13 @@
-"""supervisord's event listener: forwards every PROCESS_STATE change to the agent as one datagram.
+"""supervisord's event listener: forwards each event it hears to the agent as one datagram.
 
     python -I -S .../etcdha/listener.py RUN_DIR/events.sock
 
-supervisord runs this once (an [eventlistener] section) and writes each event to
-its stdin; we send "POOLSERIAL STATE PROCESSNAME" to the agent's datagram socket
-and acknowledge. The agent keeps every program's state from these instead of
-asking supervisord for all of them every cycle, which cost O(services) per cycle.
+supervisord runs this once (an [eventlistener] section, subscribed to the state changes
+the agent did not cause and to REMOTE_COMMUNICATION) and writes each event to its stdin;
+we send "POOLSERIAL STATE PROCESSNAME" for a state change, "POOLSERIAL MARK DATA" for the
+agent's own marker (a REMOTE_COMMUNICATION of type etcdha-mark), and acknowledge. The
+agent keeps every program's state from these instead of asking supervisord for all of
+them every cycle, which cost O(services) per cycle.
 A send waits at most a second for a slow agent (supervisord buffers events
 meanwhile); if the agent is not there, the datagram is dropped, and the agent
 sees the gap in the pool serial and asks supervisord for everything once.
@@ -16,6 +18,7 @@ import socket
 import sys
 
 PREFIX = "PROCESS_STATE_"
+MARK_TYPE = "etcdha-mark"  # as supervisord.MARK_TYPE (stdlib only here: this file is run on its own)
 
 
 def fields(line: str) -> dict:
@@ -37,14 +40,23 @@ def main() -> None:
         if not line:
             return  # supervisord is gone
         header = fields(line.decode(errors="replace"))
-        payload = fields(stdin.read(int(header.get("len", 0))).decode(errors="replace"))
-        event = header.get("eventname", "")
-        if event.startswith(PREFIX) and "processname" in payload:
-            message = f"{header.get('poolserial', '-1')} {event[len(PREFIX):]} {payload['processname']}"
-            try:
-                sock.sendto(message.encode(), target)
-            except OSError:
-                pass  # the agent is away or behind: it notices the gap in the serials
+        body = stdin.read(int(header.get("len", 0))).decode(errors="replace")
+        event, serial = header.get("eventname", ""), header.get("poolserial", "-1")
+        message = ""
+        if event == "REMOTE_COMMUNICATION":
+            kind, _, data = body.partition("\n")
+            if kind == "type:" + MARK_TYPE and data.strip().isdigit():
+                message = f"{serial} MARK {data.strip()}"
+        elif event.startswith(PREFIX):
+            payload = fields(body)
+            if "processname" in payload:
+                message = f"{serial} {event[len(PREFIX):]} {payload['processname']}"
+        if not message:  # (someone else's REMOTE_COMMUNICATION): sent all the same, or the gap would
+            message = f"{serial} OTHER -"  # in the serials would look like a lost datagram
+        try:
+            sock.sendto(message.encode(), target)
+        except OSError:
+            pass  # the agent is away or behind: it notices the gap in the serials
         stdout.write(b"RESULT 2\nOK")
         stdout.flush()
 

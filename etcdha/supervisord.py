@@ -8,8 +8,9 @@ written once when supervisord starts, so a start is "write the script, startProc
 supervisord's ini parser (no `%` expansion, no inline `;` comments, no injected
 sections). The launcher puts the program in its service's cgroup before exec.
 Starts go in multicalls of at most START_CHUNK, so one slow batch never looks
-like a dead supervisord. Program states come from supervisord's event stream
-(`listener.py` -> `StateFeed`): a cycle costs nothing per service, and the full
+like a dead supervisord. Program states come from the answers to the agent's own
+calls and from supervisord's event stream for the rest (`listener.py` -> `StateFeed`,
+the two ordered by markers): a cycle costs nothing per service, and the full
 getAllProcessInfo is only asked for after a gap, at start, and every RESYNC seconds.
 
 Programs are generated with autostart=false and autorestart=false: a restarted
@@ -46,6 +47,13 @@ ABNORMAL_TERMINATION, SPAWN_ERROR, ALREADY_STARTED, NOT_RUNNING = 40, 50, 60, 70
 SUCCESS_FAULTS = {ALREADY_STARTED, NOT_RUNNING}
 LISTENER = Path(__file__).with_name("listener.py")
 LISTENER_NAME = "_etcdha_events"  # never a service name (those start with a letter or digit)
+# what the listener hears: the state changes the agent did not cause, and its markers (see StateFeed)
+EVENTS = ("PROCESS_STATE_BACKOFF", "PROCESS_STATE_EXITED", "PROCESS_STATE_FATAL", "PROCESS_STATE_STOPPED",
+          "PROCESS_STATE_UNKNOWN", "REMOTE_COMMUNICATION")
+MARK_TYPE = "etcdha-mark"  # sendRemoteCommEvent type of our markers
+MARK = "MARK"  # how the listener forwards one: "SERIAL MARK NUMBER"
+OTHER = "OTHER"  # an event for nobody (another REMOTE_COMMUNICATION): "SERIAL OTHER -", counted for the serials
+MARKS_KEPT = 256
 RESYNC = 30.0  # seconds between full reads of every program's state, as a safety net under the events
 # states supervisord leaves only on a turn of its loop (startsecs passed, a retry due, stopwaitsecs over)
 PENDING = frozenset({"STARTING", "BACKOFF", "STOPPING"})
@@ -159,12 +167,19 @@ def _pending_for(name: str, state: str, startsecs: Mapping[str, float]) -> float
 class StateFeed(threading.Thread):
     """Every program's supervisord state, kept from the event listener's datagrams.
 
+    The listener hears only the changes nobody asked for (EVENTS: a program exited,
+    backed off, gave up, stopped) and our own markers. What the agent causes itself -
+    a start, a stop, a direct read - it learns from the answer to its own call, which
+    carries a marker (MARK_TYPE, a number) as its last call: supervisord queues events
+    in the order they happen, so an event about that program before the marker is older
+    than the answer, and one after it newer. `note`/`refresh`/`load` take the answer
+    and ignore the program's events until its marker comes. (Subscribed to every state,
+    supervisord spent about a millisecond of its loop per event, two events per start:
+    a fifth of its CPU in a takeover of hundreds of services.)
+
     `current()` is None until a full read was loaded, after a gap in the pool serial
     (a dropped datagram, supervisord restarted) and RESYNC seconds after the last
-    full read; the caller then loads one with `load`, trusted only if no event came
-    in while it was made. After a start or stop the caller `note`s what it knows at
-    once: the event saying so may come a moment later, and a stale STOPPED beside a
-    full cgroup would look like a program that daemonized.
+    full read; the caller then loads one with `load`.
     """
 
     def __init__(self, path: Path, wake: Callable[[], None]):
@@ -175,7 +190,8 @@ class StateFeed(threading.Thread):
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
         self._recent: dict[str, list[tuple[int, str]]] = {}  # program -> its last events (index, state)
-        self._awaiting: dict[str, str] = {}  # program -> state `note`d before its event came: older ones are stale
+        self._awaiting: dict[str, int] = {}  # program -> the marker after which its events are news again
+        self._marks: dict[int, int] = {}  # marker -> `events` when it came (the last MARKS_KEPT)
         self._since: dict[str, float] = {}  # program -> monotonic time it was last seen to change state
         self._serial: Optional[int] = None  # pool serial of the last datagram (None: any is next)
         self._gap = 0  # `events` when a datagram was last found missing: a full read made before it is not enough
@@ -222,23 +238,28 @@ class StateFeed(threading.Thread):
         try:
             serial_text, state, name = data.decode(errors="replace").split(" ", 2)
             serial = int(serial_text)
+            mark = int(name) if state == MARK else None
         except ValueError:
-            serial, state, name = -1, "", ""
+            serial, state, name, mark = -1, "", "", None
         with self._lock:
             self.events += 1
             if (self._serial is not None and serial != self._serial + 1) or not name:
                 self._synced_at = None  # something was missed (or supervisord restarted): read everything
                 self._gap = self.events
             self._serial = serial
-            if name:
+            if mark is not None:
+                self._marks[mark] = self.events
+                if len(self._marks) > MARKS_KEPT:
+                    del self._marks[min(self._marks)]
+                for program in [p for p, m in self._awaiting.items() if m == mark]:
+                    del self._awaiting[program]
+            elif name and state != OTHER:
                 recent = self._recent.setdefault(name, [])
                 recent.append((self.events, state))
                 del recent[:-8]
-                awaited = self._awaiting.get(name)
-                if awaited is None or awaited == state:
-                    self._awaiting.pop(name, None)
-                    if self._states.get(name) != state:  # the awaited event of a noted state changes nothing:
-                        self._since[name] = time.monotonic()  # it comes late in a takeover, due times must not
+                if name not in self._awaiting:  # else older than what an answer told us: its marker comes later
+                    if self._states.get(name) != state:
+                        self._since[name] = time.monotonic()
                     self._states[name] = state
 
     def current(self, now: float) -> Optional[dict[str, str]]:
@@ -262,61 +283,57 @@ class StateFeed(threading.Thread):
                      for name, state in self._states.items() if state in PENDING]
         return max(0.0, min(waits)) if waits else None
 
-    def load(self, states: Mapping[str, str], events_before: int, now: float) -> None:
-        """Take a full read, made after `events_before` events had come in.
+    def load(self, states: Mapping[str, str], mark: int, now: float) -> None:
+        """Take a full read, answered just before marker `mark`.
 
-        An event that came in while the read was made is at least as new as the read for its
-        program (a program's events come in order, and one still on its way corrects both), so
-        it is applied on top. The read is trusted unless a datagram went missing meanwhile:
-        refusing every read during which an event came meant one full read per cycle for as
-        long as a takeover of hundreds of programs lasted, on both sides of the socket.
+        Events that came after the marker are newer and go on top; the read is trusted unless a
+        datagram went missing after the marker (one missing before it is covered by the read).
+        If the marker is still on its way, every program's events are ignored until it comes.
         """
         with self._lock:
             merged = dict(states)
-            for name, recent in self._recent.items():
-                newer = [state for index, state in recent if index > events_before]
-                if newer:
-                    merged[name] = newer[-1]
+            at = self._marks.get(mark)
+            if at is None:
+                self._awaiting = {name: mark for name in merged}  # a gap found from now on clears _synced_at
+            else:
+                self._awaiting.clear()
+                for name, recent in self._recent.items():
+                    newer = [state for index, state in recent if index > at]
+                    if newer:
+                        merged[name] = newer[-1]
+            trusted = at is None or self._gap <= at
             self._states = merged
             self._since = {name: now for name in merged}
-            self._awaiting.clear()
-            self._synced_at = now if self._gap <= events_before else None
+            self._synced_at = now if trusted else None
 
-    def note(self, name: str, state: str, events_before: int) -> None:
-        """What a call made after `events_before` events just told us about `name`.
+    def note(self, name: str, state: str, mark: int) -> None:
+        """What a call answered just before marker `mark` told us about `name` (a start, a stop)."""
+        self.refresh({name: state}, mark, changed_only=False)
 
-        Unless the event of that very state came in meanwhile, it is taken now, and
-        events about `name` are ignored until that event comes: the ones before it
-        (say, STOPPING after a stop we saw finish) are older than what we know.
+    def refresh(self, states: Mapping[str, str], mark: int, changed_only: bool = True) -> None:
+        """States of a few programs, answered just before marker `mark`.
+
+        Taken unless an event about the program came after the marker (that one is newer);
+        its events until the marker are ignored (older than the answer). `changed_only`: a
+        program whose state is no news keeps its due time (direct reads of due programs).
         """
         with self._lock:
-            if any(i > events_before and seen == state for i, seen in self._recent.get(name, ())):
-                return
-            self._states[name] = state
-            self._since[name] = time.monotonic()
-            self._awaiting[name] = state
-
-    def refresh(self, states: Mapping[str, str], events_before: int) -> None:
-        """States of a few programs, asked directly after `events_before` events had come in.
-
-        A state is taken only where it is news (the events say otherwise) and no event about
-        the program came in meanwhile (those are at least as new). Then the event saying it is
-        still on its way behind supervisord's queue, and the older ones before it are ignored,
-        as after `note`. During a takeover that queue drains one event per turn of
-        supervisord's loop: RUNNING came up to half a second after the program was.
-        """
-        with self._lock:
+            at = self._marks.get(mark)
             for name, state in states.items():
-                if state == self._states.get(name) or any(i > events_before for i, _ in self._recent.get(name, ())):
+                if at is not None and any(i > at for i, _ in self._recent.get(name, ())):
+                    continue
+                if at is None:
+                    self._awaiting[name] = mark
+                if changed_only and state == self._states.get(name):
                     continue
                 self._states[name] = state
                 self._since[name] = time.monotonic()
-                self._awaiting[name] = state
 
     def invalidate(self) -> None:
         with self._lock:
             self._synced_at = None
             self._serial = None
+            self._awaiting.clear()  # a new supervisord: the old one's markers never come
 
 
 class Supervisor:
@@ -334,6 +351,8 @@ class Supervisor:
         self.feed: Optional[StateFeed] = None
         self._next_refresh = 0.0
         self._startsecs = {name: float(s.startsecs) for name, s in config.services.items()}
+        self._mark = 0  # the last marker number handed out (StateFeed)
+        self._mark_lock = threading.Lock()
 
     def command(self) -> list[str]:
         """How to run supervisord in the foreground (the fence starts it)."""
@@ -366,8 +385,8 @@ class Supervisor:
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
             f"[eventlistener:{LISTENER_NAME}]",
             f"command={_quote_value(shlex.join([sys.executable, '-I', '-S', str(LISTENER), str(self.events_socket)]))}",
-            "events=PROCESS_STATE",
-            f"buffer_size={max(100, 4 * len(self.config.services))}",  # a takeover is 2-3 events per service
+            f"events={','.join(EVENTS)}",
+            f"buffer_size={max(100, 4 * len(self.config.services))}",  # exits and markers queue while it spawns
             "autostart=true",
             "autorestart=true",
             "startsecs=0",
@@ -437,10 +456,10 @@ class Supervisor:
                         self._refresh(feed, due, now)
                         known = feed.current(now) or known
                 return known
-            events_before = feed.events
-        states = {name: p["statename"] for name, p in self.processes().items()}
+        mark = self._next_mark()
+        states = {name: p["statename"] for name, p in self.processes(mark).items()}
         if feed is not None:
-            feed.load(states, events_before, now)
+            feed.load(states, mark, now)
             merged = feed.current(now)
             if merged is not None:
                 return merged
@@ -454,9 +473,9 @@ class Supervisor:
         Only due programs: each turn walks every program, at hundreds of services the CPU
         that starts elsewhere need."""
         self._next_refresh = now + REFRESH
-        events_before = feed.events
+        mark = self._next_mark()
         try:
-            feed.refresh(self.states_of(names), events_before)
+            feed.refresh(self.states_of(names, mark), mark)
         except ActuatorError:
             pass  # supervisord's death is the fence's business; the next full read says more
 
@@ -468,14 +487,32 @@ class Supervisor:
         wait = self.feed.next_due(now, self._startsecs)
         return None if wait is None else max(wait, self._next_refresh - now, 0.0)
 
-    def states_of(self, names: list[str]) -> dict[str, str]:
-        """The current state of a few programs, asked directly (one round trip, not all of them)."""
-        results = self._multicall([{"methodName": "supervisor.getProcessInfo", "params": [name]} for name in names])
+    def states_of(self, names: list[str], mark: Optional[int] = None) -> dict[str, str]:
+        """The current state of a few programs, asked directly (one round trip, not all of them);
+        with `mark`, that marker follows the answers in supervisord's event stream (see StateFeed)."""
+        calls = [{"methodName": "supervisor.getProcessInfo", "params": [name]} for name in names]
+        results = self._multicall(calls + self._marker(mark))
         return {name: r["statename"] for name, r in zip(names, results) if isinstance(r, dict) and "statename" in r}
 
-    def processes(self) -> Mapping[str, Mapping]:
-        """service -> supervisord's process info (statename, pid), one call for all."""
-        return {p["name"]: p for p in self._call("getAllProcessInfo")}
+    def processes(self, mark: Optional[int] = None) -> Mapping[str, Mapping]:
+        """service -> supervisord's process info (statename, pid), one call for all (then `mark`, if given)."""
+        if mark is None:
+            return {p["name"]: p for p in self._call("getAllProcessInfo")}
+        found = self._multicall([{"methodName": "supervisor.getAllProcessInfo", "params": []}, *self._marker(mark)])[0]
+        if not isinstance(found, list):
+            raise ActuatorError(f"supervisord getAllProcessInfo: {found!r}")
+        return {p["name"]: p for p in found}
+
+    def _next_mark(self) -> int:
+        with self._mark_lock:
+            self._mark += 1
+            return self._mark
+
+    @staticmethod
+    def _marker(mark: Optional[int]) -> list[dict]:
+        """The call that puts marker `mark` into the event stream, to end a multicall with (none for None)."""
+        return [] if mark is None else [{"methodName": "supervisor.sendRemoteCommEvent",
+                                         "params": [MARK_TYPE, str(mark)]}]
 
     def start(self, service: Service, token: int, cgroup: Path, parent: int) -> None:
         """Write the launcher with this fencing token, then start the program without waiting.
@@ -509,8 +546,6 @@ class Supervisor:
         items = [item for item in items if item[0].name not in failed]
         names = [service.name for service, _, _ in items]
         chunks = [names[i:i + START_CHUNK] for i in range(0, len(names), START_CHUNK)]
-        events_before = self.feed.events if self.feed else 0
-
         def attempt(chunk: list[str]):
             try:
                 return self._start_chunk(chunk)
@@ -534,23 +569,25 @@ class Supervisor:
                         states = {}
                 failed.update({name: outcome for name in chunk if states.get(name) not in ("STARTING", "RUNNING")})
                 continue
-            results, infos = outcome
+            results, infos, mark = outcome
             for name, result, info in zip(chunk, results, infos):
                 if isinstance(result, dict) and "faultCode" in result and result["faultCode"] not in SUCCESS_FAULTS:
                     failed[name] = ActuatorError(f"supervisord startProcess({name!r}): {result.get('faultString')}")
                 elif self.feed is not None:
                     state = info.get("statename") if isinstance(info, dict) else None
                     # as read right after the spawn (RUNNING already with startsecs 0); STARTING if unreadable
-                    self.feed.note(name, state if isinstance(state, str) and state else "STARTING", events_before)
+                    self.feed.note(name, state if isinstance(state, str) and state else "STARTING", mark)
         return failed
 
-    def _start_chunk(self, names: list[str]) -> tuple[list, list]:
+    def _start_chunk(self, names: list[str]) -> tuple[list, list, int]:
         """One round trip: each start followed by a read of its state (with startsecs 0 supervisord has
-        made it RUNNING already, and its event would reach us only after every spawn of the takeover)."""
+        made it RUNNING already), then a marker; returns the starts' and reads' answers and the marker."""
+        mark = self._next_mark()
         replies = self._multicall([{"methodName": method, "params": params} for name in names
                                    for method, params in (("supervisor.startProcess", [name, False]),
-                                                          ("supervisor.getProcessInfo", [name]))])
-        return replies[0::2], replies[1::2]
+                                                          ("supervisor.getProcessInfo", [name]))]
+                                  + self._marker(mark))
+        return replies[0:2 * len(names):2], replies[1:2 * len(names):2], mark
 
     def _multicall(self, calls: list[dict]) -> list:
         if not calls:
@@ -568,7 +605,6 @@ class Supervisor:
         processes there). We poll instead of stopProcess(wait=True), which only returns on
         supervisord's 1 s tick.
         """
-        events_before = self.feed.events if self.feed else 0
         try:
             self._call("stopProcess", service.name, False)
         except ActuatorError as exc:
@@ -577,12 +613,15 @@ class Supervisor:
             raise
         signalled()
         deadline = time.monotonic() + service.stopwaitsecs + self.timeout
-        while (state := self._call("getProcessInfo", service.name)["statename"]) in ("STOPPING", "RUNNING", "STARTING"):
+        while self._call("getProcessInfo", service.name)["statename"] in ("STOPPING", "RUNNING", "STARTING"):
             if time.monotonic() > deadline:
                 raise ActuatorError(f"{service.name} did not stop within {service.stopwaitsecs}s + SIGKILL")
             time.sleep(0.02)
-        if self.feed is not None:
-            self.feed.note(service.name, state, events_before)
+        if self.feed is not None:  # what it is now, ordered against the events: the stop's are older
+            mark = self._next_mark()
+            state = self.states_of([service.name], mark).get(service.name)
+            if state is not None:
+                self.feed.note(service.name, state, mark)
 
     def stop_all(self, signalled: Callable[[], None] = lambda: None) -> None:
         """Stop every program; all get SIGTERM at once (then `signalled` runs), then we wait for each."""

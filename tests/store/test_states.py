@@ -39,9 +39,9 @@ class Counting(Supervisor):
 
     full_reads = 0
 
-    def processes(self):
+    def processes(self, mark=None):
         self.full_reads += 1
-        return super().processes()
+        return super().processes(mark)
 
 
 @pytest.fixture
@@ -226,3 +226,38 @@ def test_a_startsecs_0_program_is_running_as_soon_as_its_start_returns(sup):
         os.kill(listener, signal.SIGCONT)
     wait_for(lambda: not sup.feed._awaiting, 5, interval=0.05, what="the held-up events to come")
     assert sup.states()["b"] == "RUNNING"
+
+
+def test_a_start_puts_one_marker_in_the_event_stream_not_an_event_per_program(sup):
+    """supervisord spent about a millisecond of its loop per event it handed the listener: the starts
+    the agent makes are known from their answers, so a chunk of them costs one event (its marker)."""
+    names = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    wait_for(lambda: not sup.feed._awaiting, 5, interval=0.02, what="the first full read's marker")
+    before = sup.feed.events
+    failed = sup.start_many([(SERVICES[n], 7, sup.cgroups.group(n)) for n in names], sup.pid)
+    assert failed == {}
+    wait_for(lambda: sup.feed.events > before and not sup.feed._awaiting, 5, interval=0.02, what="the marker")
+    time.sleep(0.3)  # anything else would have come by now
+    assert sup.feed.events - before == 1
+    assert all(sup.states()[n] == "RUNNING" for n in names)
+
+
+def test_an_exit_queued_before_a_restart_does_not_undo_the_restart(sup):
+    """The exit of a program's last life can still be in supervisord's queue when the agent starts it
+    again (during a takeover the listener is far behind): it comes before the start's marker, so it
+    is older than the start's answer and ignored; an exit after the marker counts."""
+    _start(sup, "e")
+    wait_for(lambda: sup.states()["e"] == "RUNNING", 5, interval=0.02, what="e RUNNING")
+    listener = sup.processes()[LISTENER_NAME]["pid"]
+    os.kill(listener, signal.SIGSTOP)
+    try:
+        kill_pid(sup.processes()["e"]["pid"])
+        wait_for(lambda: sup.states_of(["e"]) == {"e": "EXITED"}, 5, interval=0.02, what="supervisord to see e exit")
+        _start(sup, "e")
+        assert sup.states()["e"] == "RUNNING"
+    finally:
+        os.kill(listener, signal.SIGCONT)
+    wait_for(lambda: not sup.feed._awaiting, 5, interval=0.05, what="the held-up exit and the marker to come")
+    assert sup.states()["e"] == "RUNNING", "the last life's exit undid the restart"
+    kill_pid(sup.processes()["e"]["pid"])
+    wait_for(lambda: sup.states()["e"] == "EXITED", 5, interval=0.02, what="e EXITED from its event")

@@ -1,9 +1,15 @@
-"""StateFeed's bookkeeping: which of events, full reads and notes it believes, fed by hand."""
+"""StateFeed's bookkeeping: which of events, full reads and answers it believes, fed by hand.
+
+The listener hears only the changes the agent did not cause (exits, backoffs, stops) and the
+agent's markers; every answer the agent gets (a start, a stop, a read) is followed in the same
+round trip by a marker, and a program's events before that marker are older than the answer.
+"""
 from __future__ import annotations
 
 import pytest
 
 from etcdha.supervisord import RESYNC, StateFeed
+
 
 pytestmark = pytest.mark.unit
 
@@ -15,37 +21,71 @@ def feed(tmp_path):
     f.sock.close()
 
 
-def ev(feed: StateFeed, serial: int, state: str, name: str = "web") -> None:
-    feed._apply(f"{serial} {state} {name}".encode())
+class Stream:
+    """supervisord's side: pool serials in order, state events and markers."""
+
+    def __init__(self, feed: StateFeed):
+        self.feed, self.serial = feed, 0
+
+    def ev(self, state: str, name: str = "web") -> None:
+        self.serial += 1
+        self.feed._apply(f"{self.serial} {state} {name}".encode())
+
+    def mark(self, number: int) -> None:
+        self.serial += 1
+        self.feed._apply(f"{self.serial} MARK {number}".encode())
+
+    def skip(self) -> None:
+        self.serial += 1  # a datagram that never came
 
 
 def test_nothing_is_trusted_before_a_full_read(feed):
-    ev(feed, 1, "RUNNING")
+    s = Stream(feed)
+    s.ev("EXITED")
     assert feed.current(0.0) is None
-    feed.load({"web": "RUNNING"}, feed.events, 0.0)
+    feed.load({"web": "RUNNING"}, 1, 0.0)
     assert feed.current(1.0) == {"web": "RUNNING"}
     assert feed.current(RESYNC + 0.5) is None  # the safety net: read everything again
 
 
-def test_events_that_came_during_a_full_read_are_applied_on_top_of_it(feed):
-    feed.load({}, feed.events, 0.0)
-    before = feed.events
-    ev(feed, 1, "STARTING")
-    ev(feed, 2, "STOPPING", "db")
-    ev(feed, 3, "STOPPED", "db")
-    feed.load({"web": "STOPPED", "db": "RUNNING", "cache": "RUNNING"}, before, 1.0)
-    assert feed.current(1.0) == {"web": "STARTING", "db": "STOPPED", "cache": "RUNNING"}
+def test_a_full_read_takes_events_after_its_marker_and_not_those_before(feed):
+    s = Stream(feed)
+    s.ev("EXITED", "web")      # before the marker: older than the read
+    s.mark(1)
+    s.ev("STOPPED", "db")      # after it: newer
+    feed.load({"web": "RUNNING", "db": "RUNNING", "cache": "RUNNING"}, 1, 1.0)
+    assert feed.current(1.0) == {"web": "RUNNING", "db": "STOPPED", "cache": "RUNNING"}
 
 
-def test_a_full_read_during_which_a_datagram_went_missing_is_not_trusted(feed):
-    feed.load({}, feed.events, 0.0)
-    ev(feed, 1, "RUNNING")
-    before = feed.events
-    ev(feed, 3, "STOPPED")  # 2 never came
-    feed.load({"web": "STOPPED"}, before, 1.0)
-    assert feed.current(1.0) is None
-    feed.load({"web": "STOPPED"}, feed.events, 2.0)  # the next read, with no gap during it, is
-    assert feed.current(2.0) == {"web": "STOPPED"}
+def test_until_a_full_reads_marker_comes_the_events_before_it_are_ignored(feed):
+    s = Stream(feed)
+    feed.load({"web": "RUNNING", "db": "RUNNING"}, 1, 0.0)
+    s.ev("EXITED", "web")      # queued before the read was answered
+    assert feed.current(0.0) == {"web": "RUNNING", "db": "RUNNING"}
+    s.mark(1)
+    s.ev("EXITED", "db")
+    assert feed.current(0.0) == {"web": "RUNNING", "db": "EXITED"}
+
+
+@pytest.mark.parametrize("before_read, after_read, trusted", [
+    (["skip", "mark"], [], True),           # a datagram lost before the marker: the read covers it
+    (["mark", "skip", "ev"], [], False),    # lost after it: not trusted
+    ([], ["skip", "mark"], False),          # the marker still on its way: any loss means another full read
+    ([], ["mark", "skip", "ev"], False),    # (one before it would be covered; telling them apart is not worth it)
+])
+def test_a_lost_datagram_makes_a_full_read_untrusted_only_after_its_marker(feed, before_read, after_read, trusted):
+    s = Stream(feed)
+    feed.load({}, 99, 0.0)
+    s.mark(99)
+
+    def play(steps: list[str]) -> None:
+        for step in steps:
+            {"skip": s.skip, "mark": lambda: s.mark(1), "ev": lambda: s.ev("EXITED")}[step]()
+
+    play(before_read)
+    feed.load({"web": "RUNNING"}, 1, 1.0)
+    play(after_read)
+    assert (feed.current(1.0) is not None) is trusted
 
 
 @pytest.mark.parametrize("serials, trusted", [
@@ -54,81 +94,94 @@ def test_a_full_read_during_which_a_datagram_went_missing_is_not_trusted(feed):
     ([5, 1], False),   # a new supervisord starts its pool serials again
 ])
 def test_a_gap_in_the_pool_serial_asks_for_a_full_read(feed, serials, trusted):
-    feed.load({}, feed.events, 0.0)
+    feed.load({}, 1, 0.0)
     for serial in serials:
-        ev(feed, serial, "RUNNING")
+        feed._apply(f"{serial} EXITED web".encode())
     assert (feed.current(0.0) is not None) is trusted
 
 
-@pytest.mark.parametrize("events_before_note, noted, events_after_note, expected", [
-    ([], "STARTING", [], "STARTING"),                                   # the start's own event still to come
-    ([], "STARTING", ["STARTING", "RUNNING"], "RUNNING"),              # and then it came, and more
-    (["STOPPING"], "STOPPED", [], "STOPPED"),                           # a stale STOPPING came before the note
-    ([], "STOPPED", ["STOPPING"], "STOPPED"),                           # ...or after it: still ignored
-    ([], "STOPPED", ["STOPPING", "STOPPED", "STARTING"], "STARTING"),  # until the awaited one; then events rule
-    (["STOPPING", "STOPPED", "STARTING"], "STOPPED", [], "STARTING"),  # newer than the note already: kept
-])
-def test_a_note_is_believed_until_its_own_event_comes(feed, events_before_note, noted, events_after_note, expected):
-    feed.load({"web": "RUNNING"}, feed.events, 0.0)
-    serial = 0
-    mark = feed.events
-    for state in events_before_note:
-        serial += 1
-        ev(feed, serial, state)
-    feed.note("web", noted, mark)
-    for state in events_after_note:
-        serial += 1
-        ev(feed, serial, state)
-    assert feed.current(0.0)["web"] == expected
+def test_an_event_for_nobody_keeps_the_serials_in_line_and_changes_nothing(feed):
+    feed.load({"web": "RUNNING"}, 1, 0.0)
+    feed._apply(b"1 MARK 1")
+    feed._apply(b"2 OTHER -")
+    feed._apply(b"3 EXITED web")
+    assert feed.current(0.0) == {"web": "EXITED"}
 
 
-@pytest.mark.parametrize("events_before_read, read, events_after_read, expected", [
-    ([], "RUNNING", [], "RUNNING"),                            # news: its event is still in supervisord's queue
-    ([], "RUNNING", ["STARTING"], "RUNNING"),                  # the stale STARTING behind it is ignored
-    ([], "RUNNING", ["STARTING", "RUNNING", "EXITED"], "EXITED"),  # once its own event came, events rule
-    (["RUNNING"], "RUNNING", ["EXITED"], "EXITED"),            # not news: nothing awaited, the exit counts
-    (["RUNNING", "EXITED"], "RUNNING", [], "EXITED"),          # an event came during the read: it is newer
+@pytest.mark.parametrize("marker_first, before_marker, noted, after_marker, expected", [
+    (False, [], "STARTING", [], "STARTING"),                # a start: nothing else came
+    (False, ["EXITED"], "RUNNING", [], "RUNNING"),          # the last life's exit, queued: ignored
+    (False, ["STOPPED"], "RUNNING", ["EXITED"], "EXITED"),  # after the marker the events rule
+    (False, ["BACKOFF", "FATAL"], "STOPPED", ["BACKOFF"], "BACKOFF"),
+    (True, ["EXITED"], "RUNNING", [], "RUNNING"),           # the marker came before the answer was taken
+    (True, [], "RUNNING", ["EXITED"], "EXITED"),            # ... and an exit after it: newer than the answer
 ])
-def test_a_direct_read_is_believed_only_where_it_is_news(feed, events_before_read, read, events_after_read,
-                                                         expected):
-    feed.load({}, feed.events, 0.0)
-    ev(feed, 1, "STARTING")
-    serial, mark = 1, feed.events
-    for state in events_before_read:
-        serial += 1
-        ev(feed, serial, state)
-    feed.refresh({"web": read}, mark)
-    for state in events_after_read:
-        serial += 1
-        ev(feed, serial, state)
+def test_an_answer_is_believed_over_the_events_before_its_marker(feed, marker_first, before_marker, noted,
+                                                                  after_marker, expected):
+    s = Stream(feed)
+    feed.load({"web": "STOPPED"}, 1, 0.0)
+    s.mark(1)
+    for state in before_marker:
+        s.ev(state)
+    if marker_first:
+        s.mark(2)
+        for state in after_marker:
+            s.ev(state)
+        feed.note("web", noted, 2)
+    else:
+        feed.note("web", noted, 2)
+        s.mark(2)
+        for state in after_marker:
+            s.ev(state)
     assert feed.current(0.0)["web"] == expected
+    assert not feed._awaiting
+
+
+def test_markers_release_only_their_own_programs(feed):
+    """Two start round trips in flight: each chunk's programs wait for their own marker."""
+    s = Stream(feed)
+    feed.load({"a": "STOPPED", "b": "STOPPED"}, 1, 0.0)
+    s.mark(1)
+    feed.note("a", "RUNNING", 2)
+    feed.note("b", "RUNNING", 3)
+    s.mark(3)                      # the second chunk's marker came first
+    s.ev("EXITED", "a")            # stale for a (its marker 2 is still on its way)
+    s.ev("EXITED", "b")            # after b's marker: b exited
+    assert feed.current(0.0) == {"a": "RUNNING", "b": "EXITED"}
+    s.mark(2)
+    s.ev("EXITED", "a")
+    assert feed.current(0.0) == {"a": "EXITED", "b": "EXITED"}
 
 
 def test_due_programs_and_when_the_next_one_is(feed, monkeypatch):
     import etcdha.supervisord as sd
     clock = [100.0]
     monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
-    feed.load({"web": "RUNNING", "db": "STOPPED"}, feed.events, 100.0)
+    s = Stream(feed)
+    feed.load({"web": "RUNNING", "db": "STOPPED"}, 1, 100.0)
+    s.mark(1)
     assert feed.due(100.0, {}) == [] and feed.next_due(100.0, {}) is None  # nothing pending
-    ev(feed, 1, "STARTING", "web")
-    ev(feed, 2, "STOPPING", "db")
+    feed.note("web", "STARTING", 2)
+    s.ev("BACKOFF", "db")
     startsecs = {"web": 0.4}
     assert feed.due(100.0, startsecs) == [] and feed.next_due(100.0, startsecs) == pytest.approx(0.4)
     assert feed.due(100.5, startsecs) == ["web"] and feed.next_due(100.5, startsecs) == 0.0
-    assert sorted(feed.due(101.0, startsecs)) == ["db", "web"]  # STOPPING: a second
+    assert sorted(feed.due(101.0, startsecs)) == ["db", "web"]  # BACKOFF: a second
 
 
-def test_the_late_event_of_a_noted_start_does_not_push_its_due_time(feed, monkeypatch):
-    """During a takeover the STARTING event comes up to half a second after the start was noted: RUNNING
-    is due startsecs after the start, not after the event."""
+def test_a_direct_read_that_is_no_news_keeps_the_due_time(feed, monkeypatch):
+    """A STARTING program asked about before supervisord's loop turned is still STARTING: it stays due
+    from its start, not from the read."""
     import etcdha.supervisord as sd
     clock = [100.0]
     monkeypatch.setattr(sd.time, "monotonic", lambda: clock[0])
-    feed.load({"web": "STOPPED"}, feed.events, 100.0)
-    feed.note("web", "STARTING", feed.events)
-    clock[0] = 100.6
-    ev(feed, 1, "STARTING")
-    assert feed.next_due(100.6, {"web": 1.0}) == pytest.approx(0.4)
-    ev(feed, 2, "RUNNING")
-    ev(feed, 3, "EXITED")
-    assert feed.current(100.6)["web"] == "EXITED"
+    s = Stream(feed)
+    feed.load({"web": "STOPPED"}, 1, 100.0)
+    s.mark(1)
+    feed.note("web", "STARTING", 2)
+    s.mark(2)
+    clock[0] = 101.0
+    feed.refresh({"web": "STARTING"}, 3)
+    assert feed.next_due(101.0, {"web": 1.0}) == 0.0
+    feed.refresh({"web": "RUNNING"}, 4)
+    assert feed.current(101.0)["web"] == "RUNNING" and feed.next_due(101.0, {"web": 1.0}) is None
