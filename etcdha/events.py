@@ -139,9 +139,11 @@ class Events:
         self.subscribers = list(subscribers)
         self.clock = clock
 
-    def emit(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> model.Event:
-        e = model.Event(service=service, time=self.clock(), node=self.node, event=event, reason=reason,
-                        token=token, detail=detail)
+    def emit(self, service: str, event: str, reason: str, token: int = 0, detail: str = "",
+             at: Optional[float] = None) -> model.Event:
+        """`at`: when it happened, if that was before now (wall clock; default now)."""
+        e = model.Event(service=service, time=self.clock() if at is None else at, node=self.node, event=event,
+                        reason=reason, token=token, detail=detail)
         for subscriber in self.subscribers:
             try:
                 subscriber(e)

@@ -73,8 +73,9 @@ class Executor:
     def close(self) -> None:
         self.workers.shutdown(wait=True)
 
-    def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "") -> None:
-        self.events.emit(service, event, reason, token, detail)
+    def record(self, service: str, event: str, reason: str, token: int = 0, detail: str = "",
+               at: Optional[float] = None) -> None:
+        self.events.emit(service, event, reason, token, detail, at)
 
     def execute(self, action: Action) -> bool:
         """Carry out one action; False if we had to fence ourselves (the rest of the plan is void)."""
@@ -164,9 +165,13 @@ class Executor:
                 self.prober.forget(service.name)
                 self.hands.stop(service)  # raises unless the cgroup is empty and the VIP gone
                 self.record(service.name, "stopped", action.reason.value, action.token)
+                # the move happens when the release commits: the new owner may claim and record that before
+                # our answer comes back, so the time is taken before (history lists events by time)
+                released_at = time.time()
                 if self.store.release(service.name, lease):
                     log.info("handed %s over to %s (%s)", service.name, action.target, action.reason.value)
-                    self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}")
+                    self.record(service.name, "moved", action.reason.value, action.token, f"to {action.target}",
+                                at=released_at)
             elif action.kind is Kind.REQUEST_MOVE:
                 if self.store.request_move(service.name, me, action.target, action.token, self.config.move_timeout):
                     log.info("drained: asked to move %s to %s", service.name, action.target)

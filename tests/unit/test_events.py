@@ -23,6 +23,14 @@ def test_every_subscriber_gets_the_same_event_even_after_one_fails():
     assert got == [("first", e), ("last", e)]
 
 
+def test_an_event_can_carry_the_time_it_happened_at():
+    """A handoff's "moved" is stamped when the release was sent: the next owner may claim and record
+    before the release's answer is back, and history lists events by time."""
+    seam = events.Events("n1", [], clock=lambda: 1700000002.0)
+    assert seam.emit("web", "moved", "moved", 42, "to n3", at=1700000001.25).time == 1700000001.25
+    assert seam.emit("web", "claimed", "vacant").time == 1700000002.0
+
+
 def test_hook_environment():
     env = events.hook_environment(Event("web", 1700000000.25, "n1", "started", "owner", 42, "x"))
     assert env == {"ETCDHA_EVENT": "started", "ETCDHA_SERVICE": "web", "ETCDHA_NODE": "n1", "ETCDHA_REASON": "owner",
