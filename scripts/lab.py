@@ -511,7 +511,7 @@ class Node:
     def supervisord_pid(self) -> Optional[int]:
         """The agent's supervisord (the fence's child)."""
         fence = self.fence_pid()
-        return child_with(fence, b"supervisor.supervisord") if fence else None
+        return child_with(fence, b"etcdha/spawn.py") if fence else None
 
     def service_pids(self, service: str = "web") -> list[int]:
         """Every process in the service's cgroup on this node."""

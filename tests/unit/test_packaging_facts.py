@@ -30,8 +30,7 @@ def test_every_declared_dependency_is_imported_by_etcdha_and_nothing_else_is_nee
     code = "\n".join(p.read_text() for p in (ROOT / "etcdha").glob("*.py"))
     for dist, module in MODULES.items():
         imported = re.search(rf"^\s*(import {module}\b|from {module}\b)", code, re.M)
-        run = module == "supervisor" and '"supervisor.supervisord"' in code  # run as a program, not imported
-        assert imported or run, f"{dist} is declared, never imported"
+        assert imported, f"{dist} is declared, never imported"
 
 
 def test_the_readme_says_how_many_gratuitous_arp_rounds_the_code_sends():
