@@ -152,9 +152,10 @@ def main() -> int:
                     print(f"   ip netns exec {lab.ns('cl')} {sys.executable} -m etcdha "
                           f"--endpoints {etcd.endpoint} status\n   Ctrl-C here tears everything down")
                     signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                lab.keep_files = bool(sampler.violations)  # the logs stay only to read a failure
                 return 1 if sampler.violations else 0
         finally:
-            say("tearing down")
+            say("tearing down" + (f"; logs and data stay in {lab.workdir}" if lab.keep_files else ""))
             if probe:
                 probe.stop()
             cluster.stop()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,10 @@ class Lab:
             ["etcd"] + [f"etcd{i}" for i in range(2, etcd_members + 1)]
         self.colocated_etcd: dict[str, "Etcd"] = {}  # node -> its member, once started (Node.stop spares it)
         self.workdir = Path(workdir or f"/tmp/etcdha-lab-{self.tag}")
+        # logs and data under workdir stay for reading afterwards unless the user sets this to False (tests
+        # do when nothing failed); a workdir passed in is never removed
+        self.keep_files = True
+        self._own_workdir = workdir is None
         self.created: list[str] = []
         self.holders: dict[str, subprocess.Popen] = {}
         self.cgroups = cgroup_mount() / self.tag  # every node's service cgroups live below
@@ -276,6 +281,8 @@ class Lab:
             destroy_namespace(ns)
         self.created.clear()
         destroy_cgroup(self.cgroups)
+        if not self.keep_files and self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Lab":
         try:

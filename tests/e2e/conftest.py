@@ -30,7 +30,7 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def lab():
+def lab(request):
     why = _missing()
     if why:
         pytest.skip(why)
@@ -42,6 +42,7 @@ def lab():
             yield the_lab
         finally:
             etcd.stop()
+            the_lab.keep_files = bool(request.session.testsfailed)  # logs stay only to read a failure
 
 
 @pytest.fixture

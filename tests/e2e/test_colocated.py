@@ -21,7 +21,7 @@ TTL = 2
 
 
 @pytest.fixture(scope="module")
-def colab(lab):  # after the session lab exists, so skips and ordering are shared
+def colab(lab, request):  # after the session lab exists, so skips and ordering are shared
     with L.Lab(colocated=True, name="c") as the_lab:
         members = []
         try:
@@ -31,6 +31,7 @@ def colab(lab):  # after the session lab exists, so skips and ordering are share
         finally:
             for member in members:
                 member.stop()
+            the_lab.keep_files = bool(request.session.testsfailed)  # logs stay only to read a failure
 
 
 def test_crash_of_the_owner_that_is_the_etcd_leader(colab):

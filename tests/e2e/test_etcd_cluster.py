@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def lab3(lab):  # after the session lab exists, so skips and ordering are shared
+def lab3(lab, request):  # after the session lab exists, so skips and ordering are shared
     with L.Lab(etcd_members=3, name="x") as the_lab:
         members = [L.Etcd(the_lab, role) for role in the_lab.etcd_roles]
         for member in members:
@@ -28,6 +28,7 @@ def lab3(lab):  # after the session lab exists, so skips and ordering are shared
         finally:
             for member in members:
                 member.stop()
+            the_lab.keep_files = bool(request.session.testsfailed)  # logs stay only to read a failure
 
 
 def test_losing_the_etcd_leader_changes_no_owner(lab3):
