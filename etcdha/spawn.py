@@ -18,6 +18,8 @@ or umask= (etcdha writes none; the launcher does those itself, after entering th
 or of another process class goes through supervisord's fork as before, and so does any
 spawn posix_spawn refuses (then supervisord reports the failure in its own words).
 
+This mirrors supervisord's Subprocess._spawn_as_child (the same in 4.2 and 4.3);
+tests/store/test_spawn.py holds every program's view of its start against stock supervisord's.
 Stdlib and supervisor only: this runs as supervisord's main module, not inside etcdha.
 """
 import os
@@ -69,12 +71,12 @@ def file_actions(proc) -> list:  # noqa: ANN001
 def fork(self):  # noqa: ANN001, ANN201 - replaces ServerOptions.fork
     """The child's pid (never 0: supervisord then runs only its parent side), or supervisord's own fork."""
     proc = _spawning[-1] if _spawning else None
-    if proc is not None and eligible(proc):
-        try:
+    try:
+        if proc is not None and eligible(proc):
             filename, argv = proc.get_execv_args()
             return os.posix_spawn(filename, argv, environment(proc), file_actions=file_actions(proc), setpgroup=0)
-        except Exception:  # noqa: BLE001 - no child was made: let supervisord's fork try, and report as it does
-            pass
+    except Exception:  # noqa: BLE001 - no child was made (or a supervisor we do not know): its own fork does it all
+        pass
     return _fork(self)
 
 
