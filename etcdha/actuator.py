@@ -99,6 +99,9 @@ class Actuator:
         left programs running; they die here, before this node can claim anything.
         """
         supervisord.raise_open_files_limit(len(self.config.services))  # before the fence and supervisord start
+        # before joining: the lease is written to handoff.json here the moment it is granted (on a fresh
+        # /run after boot the first write failed, and a crash before the next lease waited for the TTL)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cgroups.setup()
         left = self.cgroups.leftovers()
         if left:

@@ -188,6 +188,7 @@ def test_the_agent_works_with_its_role_and_never_shows_its_password(auth_etcd, t
             agent.wait(10)
     text = log.read_text()
     assert AGENT_PW not in text and "joined as au1" in text
+    assert "cannot write" not in text, "the lease was not in handoff.json from the start"
 
 
 def _parent(pid: int) -> int:
