@@ -5,7 +5,7 @@
 Stock supervisord forks itself for every program: the kernel copies the page tables of a
 37 MB Python process, parent and child fault on copy-on-write pages until the child execs,
 and the child then tears the copy down. Measured alone (a 30 MB Python parent, the same
-launcher, this 2-core VM), that was 2.3-2.9 of the 3.9-5.8 ms of CPU a start cost; with
+launcher, this 2-core VM), that was 1.3-2.9 of the 3.9-5.8 ms of CPU a start cost; with
 posix_spawn (glibc: a vfork-style clone sharing the address space until exec) a start cost
 2.6-2.9 ms. A takeover of hundreds of services is that cost times hundreds on a busy node.
 

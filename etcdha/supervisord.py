@@ -356,8 +356,8 @@ class Supervisor:
         self._mark_lock = threading.Lock()
 
     def command(self) -> list[str]:
-        """How to run supervisord in the foreground (the fence starts it): through spawn.py, which makes
-        its starts cost half the CPU."""
+        """How to run supervisord in the foreground (the fence starts it): through spawn.py, which saves
+        a third to a half of the CPU each start costs."""
         return [sys.executable, str(SPAWN), "-n", "-c", str(self.conf)]
 
     def prepare(self) -> None:
