@@ -14,7 +14,7 @@ import sys
 import tempfile
 import xmlrpc.client
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -67,6 +67,8 @@ class Supervisord:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      pass_fds=(self.leak_r, self.leak_w))
         self.rpc = xmlrpc.client.ServerProxy("http://localhost", transport=_Transport(str(self.sock)))
+
+    def wait_ready(self) -> None:
         wait_for(lambda: self._state() == "RUNNING", 20, what="supervisord to answer")
 
     def _state(self) -> str:
@@ -90,11 +92,12 @@ class Supervisord:
 
 
 @pytest.fixture
-def supervisords() -> Iterator[callable]:
+def supervisords() -> Iterator[Callable[[list[str], dict[str, str]], Supervisord]]:
     made: list[Supervisord] = []
 
     def make(command: list[str], programs: dict[str, str]) -> Supervisord:
-        made.append(Supervisord(command, programs))
+        made.append(Supervisord(command, programs))  # stopped at the end even if it never answers
+        made[-1].wait_ready()
         return made[-1]
 
     yield make
