@@ -56,6 +56,7 @@ class Supervisord:
         self.sock = self.dir / "s.sock"
         conf = [f"[unix_http_server]\nfile={self.sock}\n[supervisord]\nnodaemon=true\nminfds=64\n"
                 f"logfile={self.dir}/supervisord.log\npidfile={self.dir}/supervisord.pid\n"
+                f"childlogdir={self.dir}\n"  # AUTO stderr logs too: nothing left in /tmp
                 "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = "
                 "supervisor.rpcinterface:make_main_rpcinterface\n"]
         for name, body in programs.items():
