@@ -627,3 +627,33 @@ def test_unreachable_etcd_is_one_clear_line_and_exit_1(args):
     assert elapsed < 5, elapsed
     refused(result, f"127.0.0.1:{port}")
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_wait_follows_the_watch_instead_of_rereading_the_cluster_on_each_change(store, monkeypatch):
+    """--wait (drain, move) during hundreds of changes: the view comes from the watch; the cluster is read
+    from etcd at most while the watch is not yet listed, not once per change."""
+    from etcdha import cli
+
+    reads: list[int] = []
+    snapshot = store.snapshot
+    monkeypatch.setattr(store, "snapshot", lambda: reads.append(1) or snapshot())
+    changes = 300
+    started = threading.Event()
+
+    def write() -> None:
+        started.wait(5)
+        for i in range(changes):
+            store.put(model.drain_key(store.prefix, f"x{i:03d}"), model.encode_mark(time.time(), "test"))
+            time.sleep(0.002)  # a drain's pace: many wake-ups, each of which used to cost a full read
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+
+    def done(view: model.ClusterView) -> bool:
+        started.set()
+        return len(view.drained) == changes
+
+    view = cli.wait_for(store, done, timeout=30)
+    writer.join(10)
+    assert view is not None and len(view.drained) == changes
+    assert len(reads) <= 3, f"{len(reads)} full reads of the cluster for {changes} changes"
